@@ -1,0 +1,43 @@
+"""Parameter helpers shared by the layers: every weight carries logical axis names for the sharding rules."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwax.config import QwaxConfig
+
+
+def dtypes(cfg: QwaxConfig) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, parameter dtype) of a config."""
+    return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], *, init: str | float = "normal",
+          cfg: QwaxConfig, dtype: jnp.dtype | None = None) -> nnx.Param:
+    """A parameter of `shape` annotated with `logical_axes=axes` (one name per dim, used by qwax.sharding).
+
+    `init`: "normal" draws N(0, cfg.initializer_range); a float fills the constant (norm offsets, gates).
+    """
+    if len(shape) != len(axes):
+        raise ValueError(f"param shape {shape} and logical axes {axes} differ in rank")
+    dtype = dtype or jnp.dtype(cfg.param_dtype)
+    if init == "normal":
+        value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
+    else:
+        value = jnp.full(shape, float(init), jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """Bias-free linear map y = x @ kernel, kernel [in, out] (the transpose of torch's [out, in] weight)."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+                 cfg: QwaxConfig, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (in_features, out_features), axes, cfg=cfg)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> [..., out] in the compute dtype."""
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))

@@ -1,0 +1,144 @@
+"""Decoder layers and the layer stack (scanned over repeating layer groups, or unrolled).
+
+One layer: h = x + Mixer(RMSNorm(x)); y = h + FFN(RMSNorm(h)), Mixer = GatedDeltaNet or gated Attention,
+FFN = SparseMoE or dense MLP. Qwen3.5 repeats the pattern (3 x GDN, 1 x attention); the stack holds each
+repeating group's parameters stacked along a leading axis and runs the groups with `lax.scan`, so compile time
+does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwax.config import QwaxConfig
+from qwax.layers.attention import Attention
+from qwax.layers.gated_deltanet import GatedDeltaNet
+from qwax.layers.mlp import MLP
+from qwax.layers.moe import SparseMoE
+from qwax.layers.norms import RMSNorm
+
+# Names accepted by QwaxConfig.remat -> jax.checkpoint policies (None: no rematerialisation).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerContext(NamedTuple):
+    """Per-forward inputs shared by every layer.
+
+    cos, sin [B, L, rotary_dim]; attn_mask [B, L, L] bool; valid [B, L] bool (None: no padding);
+    segment_ids [B, L] int (None: one document per row).
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    attn_mask: jax.Array
+    valid: jax.Array | None
+    segment_ids: jax.Array | None
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: QwaxConfig, mixer: str, ffn: str, *, rngs: nnx.Rngs):
+        h = cfg.hidden_size
+        self.mixer, self.ffn = mixer, ffn
+        self.input_layernorm = RMSNorm(h, cfg=cfg, rngs=rngs)
+        if mixer == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg, rngs=rngs)
+        else:
+            self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(h, cfg=cfg, rngs=rngs)
+        self.mlp = SparseMoE(cfg, rngs=rngs) if ffn == "moe" else MLP(h, cfg.intermediate_size, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, L, H] -> (x [B, L, H], router_logits [B*L, E] or None for a dense FFN)."""
+        h = self.input_layernorm(x)
+        if self.mixer == "linear_attention":
+            h, _ = self.linear_attn(h, ctx.valid, ctx.segment_ids)
+        else:
+            h = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask)
+        x = x + h
+        h = self.post_attention_layernorm(x)
+        if self.ffn == "moe":
+            h, router_logits = self.mlp(h)
+        else:
+            h, router_logits = self.mlp(h), None
+        return x + h, router_logits
+
+
+class LayerGroup(nnx.Module):
+    """One period of the layer pattern, e.g. (GDN, GDN, GDN, attention)."""
+
+    def __init__(self, cfg: QwaxConfig, kinds: tuple[tuple[str, str], ...], *, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(cfg, mixer, ffn, rngs=rngs) for mixer, ffn in kinds])
+
+    def __call__(self, x: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array | None]:
+        """Returns x and the group's router logits stacked [n_moe_layers_in_group, B*L, E] (or None)."""
+        logits = []
+        for layer in self.layers:
+            x, lg = layer(x, ctx)
+            if lg is not None:
+                logits.append(lg)
+        return x, (jnp.stack(logits) if logits else None)
+
+
+def _remat(fn, policy_name: str):
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy_name!r}: expected one of {sorted(REMAT_POLICIES)}")
+    policy = REMAT_POLICIES[policy_name]
+    return fn if policy is None else jax.checkpoint(fn, policy=policy)
+
+
+class Decoder(nnx.Module):
+    """The stack of `num_hidden_layers` decoder layers.
+
+    Scanned layout (cfg.scan_layers and the pattern repeats): `groups` is one LayerGroup whose parameters carry a
+    leading [num_groups] axis. Unrolled layout: `layers` is a list of DecoderLayer.
+    """
+
+    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
+        self.remat = cfg.remat
+        period = cfg.scan_period
+        self.num_groups = cfg.num_hidden_layers // period
+        self.scanned = cfg.uses_scan
+        if self.scanned:
+            kinds = cfg.layer_kinds[:period]
+
+            @nnx.split_rngs(splits=self.num_groups)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_groups(rngs: nnx.Rngs) -> LayerGroup:
+                return LayerGroup(cfg, kinds, rngs=rngs)
+
+            self.groups = make_groups(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, m, f, rngs=rngs) for m, f in cfg.layer_kinds])
+
+    def __call__(self, x: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, L, H] -> (x [B, L, H], router logits of all MoE layers [n_moe, B*L, E] or None)."""
+        if self.scanned:
+            graphdef, params = nnx.split(self.groups)
+
+            def body(h, group_params):
+                return nnx.merge(graphdef, group_params)(h, ctx)
+
+            x, logits = jax.lax.scan(_remat(body, self.remat), x, params)
+            if logits is not None:
+                logits = logits.reshape(-1, *logits.shape[2:])
+            return x, logits
+        all_logits = []
+        for layer in self.layers:
+            graphdef, params = nnx.split(layer)
+
+            def body(h, layer_params, graphdef=graphdef):
+                return nnx.merge(graphdef, layer_params)(h, ctx)
+
+            x, lg = _remat(body, self.remat)(x, params)
+            if lg is not None:
+                all_logits.append(lg)
+        return x, (jnp.stack(all_logits) if all_logits else None)

@@ -1,0 +1,70 @@
+"""Sparse Mixture-of-Experts feed-forward with a shared expert (shared/spec/ARCHITECTURE.md section 7).
+
+router logits = x @ W_r (activation dtype) -> softmax in float32 over all experts -> top-k -> renormalise
+(always for Qwen3.5-MoE, iff `norm_topk_prob` for Qwen3-Next) -> routed SwiGLU experts, combined with those
+weights, plus sigmoid(x @ w_shared_gate) * shared_expert(x).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwax.config import QwaxConfig
+from qwax.layers.common import Linear, param
+from qwax.layers.mlp import MLP
+from qwax.pallas_kernels.moe import routed_experts
+
+
+def route(router_logits: jax.Array, top_k: int, normalise: bool) -> tuple[jax.Array, jax.Array]:
+    """router_logits [T, E] -> (expert_idx [T, k] int32, weights [T, k] in the logits dtype)."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, idx = jax.lax.top_k(probs, top_k)
+    if normalise:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return idx.astype(jnp.int32), weights.astype(router_logits.dtype)
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, valid: jax.Array | None = None) -> jax.Array:
+    """Switch-style auxiliary loss pooled over all MoE layers, as transformers computes it.
+
+    router_logits [n_layers, T, E]; valid [T] bool excludes padding. With f_e the fraction of (layer, token)
+    rows routed to e (counting all k choices) and P_e the mean router probability of e:
+    aux = E * sum_e f_e * P_e.
+    """
+    n_layers, t, e = router_logits.shape
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, idx = jax.lax.top_k(probs, top_k)
+    w = jnp.ones((t,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+    counts = jnp.einsum("ltke,t->e", jax.nn.one_hot(idx, e, dtype=jnp.float32), w)
+    prob_sum = jnp.einsum("lte,t->e", probs, w)
+    rows = n_layers * jnp.sum(w)
+    return e * jnp.sum((counts / rows) * (prob_sum / rows))
+
+
+class SparseMoE(nnx.Module):
+    """Router [H, E], experts gate_up [E, H, 2I] (gate columns first) and down [E, I, H], shared SwiGLU expert."""
+
+    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
+        h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.top_k = cfg.num_experts_per_tok
+        self.normalise = cfg.norm_topk_prob or cfg.model_type == "qwen3_5_moe_text"
+        self.impl = cfg.moe_impl
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate = Linear(h, e, ("embed", "experts_router"), cfg=cfg, rngs=rngs)
+        self.experts_gate_up = param(rngs, (e, h, 2 * i), ("experts", "embed", "expert_mlp"), cfg=cfg)
+        self.experts_down = param(rngs, (e, i, h), ("experts", "expert_mlp", "embed"), cfg=cfg)
+        self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, cfg=cfg, rngs=rngs)
+        self.shared_expert_gate = Linear(h, 1, ("embed", None), cfg=cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, L, H] -> (y [B, L, H], router_logits [B*L, E] for the auxiliary loss)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).astype(self.dtype)
+        logits = self.gate(x)
+        idx, weights = route(logits, self.top_k, self.normalise)
+        routed = routed_experts(x, idx, weights, self.experts_gate_up[...].astype(self.dtype),
+                                self.experts_down[...].astype(self.dtype), impl=self.impl)
+        shared = jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return (routed + shared).reshape(shape), logits

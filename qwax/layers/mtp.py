@@ -1,0 +1,42 @@
+"""Multi-token prediction head of Qwen3.5 / Qwen3-Next (shared/spec/ARCHITECTURE.md section 8).
+
+Predicts token t+2 at position t from h_t (the main model's final-normed hidden state) and the embedding of token
+t+1: x = fc([norm_e(embed(t+1)) ; norm_h(h_t)]) -> one full-attention decoder layer (the model's FFN type) ->
+norm -> the shared LM head. transformers drops these weights; qwax keeps, trains and decodes with them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwax.config import QwaxConfig
+from qwax.layers.common import Linear
+from qwax.layers.decoder import DecoderLayer, LayerContext
+from qwax.layers.norms import RMSNorm
+
+
+class MTP(nnx.Module):
+    """Weights: pre_fc_norm_embedding, pre_fc_norm_hidden [H]; fc [2H, H]; layers[i]; norm [H]."""
+
+    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
+        h = cfg.hidden_size
+        ffn = "moe" if cfg.num_experts and cfg.model_type != "qwen3_5_text" else "dense"
+        self.pre_fc_norm_embedding = RMSNorm(h, cfg=cfg, rngs=rngs)
+        self.pre_fc_norm_hidden = RMSNorm(h, cfg=cfg, rngs=rngs)
+        self.fc = Linear(2 * h, h, ("mtp_concat", "embed"), cfg=cfg, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, "full_attention", ffn, rngs=rngs)
+                                for _ in range(cfg.mtp_num_hidden_layers)])
+        self.norm = RMSNorm(h, cfg=cfg, rngs=rngs)
+
+    def __call__(self, hidden: jax.Array, next_embeds: jax.Array, ctx: LayerContext
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """hidden, next_embeds [B, L, H] -> (normed hidden [B, L, H] for the LM head, router logits or None)."""
+        x = self.fc(jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
+        logits = []
+        for layer in self.layers:
+            x, lg = layer(x, ctx)
+            if lg is not None:
+                logits.append(lg)
+        return self.norm(x), (jnp.stack(logits) if logits else None)

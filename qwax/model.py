@@ -1,0 +1,105 @@
+"""The Qwen3-Next / Qwen3.5 causal language model: embed -> decoder stack -> norm -> LM head (+ MTP head).
+
+Use it eagerly (`model(input_ids)`) or purely functionally: `graphdef, params = nnx.split(model)` once, then
+`forward(graphdef, params, input_ids, ...)` inside jit / grad / scan.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwax.config import QwaxConfig
+from qwax.layers.attention import attention_mask as build_attention_mask
+from qwax.layers.common import Linear, param
+from qwax.layers.decoder import Decoder, LayerContext
+from qwax.layers.moe import load_balancing_loss
+from qwax.layers.mtp import MTP
+from qwax.layers.norms import RMSNorm
+from qwax.layers.rotary import rotary_cos_sin
+
+
+class ModelOutput(NamedTuple):
+    """logits [B, L, vocab] (compute dtype); hidden [B, L, H] final-normed hidden states;
+    aux_loss: the MoE load-balancing loss (0.0 for dense models, unweighted by router_aux_loss_coef)."""
+
+    logits: jax.Array
+    hidden: jax.Array
+    aux_loss: jax.Array
+
+
+class QwaxForCausalLM(nnx.Module):
+    """Weights: embed_tokens [vocab, H]; decoder; norm [H]; lm_head [H, vocab] unless tied; mtp (optional)."""
+
+    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg=cfg)
+        self.decoder = Decoder(cfg, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg=cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg=cfg, rngs=rngs)
+        if cfg.mtp_num_hidden_layers:
+            self.mtp = MTP(cfg, rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """[B, L] int -> [B, L, H]. Ids outside [0, vocab) raise eagerly; under jit they give NaN rows."""
+        vocab = self.config.vocab_size
+        if not isinstance(input_ids, jax.core.Tracer):
+            ids = np.asarray(input_ids)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                bad = ids[(ids < 0) | (ids >= vocab)]
+                raise ValueError(f"input_ids contain {bad.size} id(s) outside the vocabulary [0, {vocab}), "
+                                 f"e.g. {int(bad.flat[0])}")
+        table = self.embed_tokens[...]
+        x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        return x.astype(self.config.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., H] -> [..., vocab] with the LM head (or the tied embedding)."""
+        if self.config.tie_word_embeddings:
+            return jnp.dot(hidden, self.embed_tokens[...].astype(hidden.dtype).T)
+        return self.lm_head(hidden)
+
+    def context(self, batch: int, length: int, attention_mask: jax.Array | None, position_ids: jax.Array | None,
+                segment_ids: jax.Array | None) -> LayerContext:
+        cfg = self.config
+        seq = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = seq if position_ids is None else jnp.asarray(position_ids)
+        valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        kv_valid = jnp.ones((batch, length), bool) if valid is None else valid
+        mask = build_attention_mask(kv_valid, seq, seq, segment_ids, segment_ids)
+        cos, sin = rotary_cos_sin(positions, cfg, jnp.dtype(cfg.dtype))
+        return LayerContext(cos=cos, sin=sin, attn_mask=mask, valid=valid, segment_ids=segment_ids)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None) -> ModelOutput:
+        """input_ids [B, L] int; attention_mask [B, L] (1 = token, 0 = padding); position_ids [B, L] or
+        [3, B, L] (multimodal T/H/W rows), default 0..L-1 as in transformers; segment_ids [B, L] int for packed
+        documents (attention and the GDN state never cross a change of id).
+
+        Logits at padding positions are not meaningful (they are finite).
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        b, l = input_ids.shape
+        for name, arr in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
+            if arr is not None and tuple(jnp.shape(arr)) != (b, l):
+                raise ValueError(f"{name} must have the shape of input_ids {(b, l)}, got {tuple(jnp.shape(arr))}")
+        ctx = self.context(b, l, attention_mask, position_ids, segment_ids)
+        x, router_logits = self.decoder(self.embed(input_ids), ctx)
+        hidden = self.norm(x)
+        aux = jnp.zeros((), jnp.float32)
+        if router_logits is not None:
+            aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
+                                      None if ctx.valid is None else ctx.valid.reshape(-1))
+        return ModelOutput(logits=self.logits(hidden), hidden=hidden, aux_loss=aux)
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array, **kwargs) -> ModelOutput:
+    """Pure forward: merge (graphdef, params) into a model inside the caller's transform and run it."""
+    return nnx.merge(graphdef, params)(input_ids, **kwargs)
