@@ -346,6 +346,13 @@ class QwaxConfig:
         return out
 
     def replace(self, **changes: Any) -> "QwaxConfig":
+        """dataclasses.replace, except that a new depth or interval rebuilds layer_types when it followed
+        full_attention_interval and was not given."""
+        derived = len(set(self.layer_types)) and self.layer_types == QwaxConfig(
+            model_type=self.model_type, num_hidden_layers=self.num_hidden_layers, num_experts=0,
+            intermediate_size=1, full_attention_interval=self.full_attention_interval).layer_types
+        if derived and "layer_types" not in changes and {"num_hidden_layers", "full_attention_interval"} & set(changes):
+            changes["layer_types"] = ()
         return dataclasses.replace(self, **changes)
 
 
@@ -416,4 +423,4 @@ def get_preset(name: str, **overrides: Any) -> QwaxConfig:
     """A named preset (see PRESETS), with field overrides."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return PRESETS[name].replace(**overrides)

@@ -12,6 +12,7 @@ unexpected keys, in the layout of the model type's published checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -199,7 +200,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | 
         by_path: dict[Path, list[TensorMap]] = {}
         for m in maps:
             by_path.setdefault(m.path, []).append(m)
-        flat = abstract.flat_state()
+        flat = nnx.to_flat_state(abstract)
         values: dict[Path, jax.Array] = {}
         for p, variable in flat:
             spec = variable.get_value()
@@ -227,12 +228,17 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | 
 
 
 def hf_tensors(model: QwaxForCausalLM, layout: CheckpointLayout | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(checkpoint key, numpy array) for every tensor of `model`, one parameter converted at a time."""
+    """(checkpoint key, numpy array) for every tensor of `model`, one parameter converted at a time.
+
+    Default layout: the model type's published one for the main experts; MTP experts as the checkpoint the
+    model was loaded from stored them (Qwen3.5 per expert, Qwen3.6 fused).
+    """
     cfg = model.config
-    layout = layout or getattr(model, "hf_layout", None) or CheckpointLayout.default_for(cfg)
-    layout = CheckpointLayout(prefix="model.", fused_experts=layout.fused_experts,
-                              fused_mtp_experts=layout.fused_mtp_experts)
-    state = dict(nnx.state(model, nnx.Param).flat_state())
+    if layout is None:
+        loaded = getattr(model, "hf_layout", None)
+        fused_mtp = loaded.fused_mtp_experts if loaded is not None else False
+        layout = dataclasses.replace(CheckpointLayout.default_for(cfg), fused_mtp_experts=fused_mtp)
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     by_path: dict[Path, list[TensorMap]] = {}
     for m in tensor_maps(cfg, layout, cfg.uses_scan):
         by_path.setdefault(m.path, []).append(m)
@@ -248,8 +254,8 @@ def save_hf(model: QwaxForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
     """Write `model` as a transformers checkpoint directory (config.json + safetensors).
 
     The directory is assembled under a temporary name and renamed into place only when complete. Experts are
-    written as the model type's published checkpoints store them (Qwen3-Next per expert, Qwen3.5 fused), or as
-    the checkpoint the model was loaded from stored them; MTP weights are kept.
+    written as the model type's published checkpoints store them (Qwen3-Next per expert, Qwen3.5 fused); MTP
+    weights are kept, in the layout they were loaded in.
     """
     with atomic_directory(os.fspath(path), overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
