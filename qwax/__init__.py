@@ -1,11 +1,12 @@
 """qwax: Qwen3.5 / Qwen3-Next in JAX (Flax NNX), with Pallas kernels, sharding rules and HF checkpoint conversion.
 
-Public surface: `QwaxConfig`, `QwaxForCausalLM`, `load_hf`, `save_hf`. Importing qwax never imports torch.
+Public surface: `QwaxConfig`, `QwaxForCausalLM`, `load_hf`, `save_hf`, `generate`. Importing qwax never imports torch.
 """
 
 from qwax.config import PRESETS, QwaxConfig, get_preset
 from qwax.convert.hf import load_hf, save_hf
+from qwax.inference.generate import generate
 from qwax.model import ModelOutput, QwaxForCausalLM, forward
 
-__all__ = ["PRESETS", "QwaxConfig", "get_preset", "QwaxForCausalLM", "ModelOutput", "forward", "load_hf", "save_hf"]
+__all__ = ["PRESETS", "QwaxConfig", "get_preset", "QwaxForCausalLM", "ModelOutput", "forward", "load_hf", "save_hf", "generate"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ Use it eagerly (`model(input_ids)`) or purely functionally: `graphdef, params = 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +23,24 @@ from qwax.layers.norms import RMSNorm
 from qwax.layers.rotary import rotary_cos_sin
 
 
+def check_token_ids(input_ids: Any, vocab_size: int) -> None:
+    """Raise ValueError naming an id outside [0, vocab_size) (concrete arrays only)."""
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"input_ids contain {bad.size} id(s) outside the vocabulary [0, {vocab_size}), "
+                         f"e.g. {int(bad.flat[0])}")
+
+
 class ModelOutput(NamedTuple):
     """logits [B, L, vocab] (compute dtype); hidden [B, L, H] final-normed hidden states;
-    aux_loss: the MoE load-balancing loss (0.0 for dense models, unweighted by router_aux_loss_coef)."""
+    aux_loss: the MoE load-balancing loss (0.0 for dense models, unweighted by router_aux_loss_coef);
+    cache: the updated decoding cache when one was passed in, else None."""
 
     logits: jax.Array
     hidden: jax.Array
     aux_loss: jax.Array
+    cache: Any = None
 
 
 class QwaxForCausalLM(nnx.Module):
@@ -47,13 +58,8 @@ class QwaxForCausalLM(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """[B, L] int -> [B, L, H]. Ids outside [0, vocab) raise eagerly; under jit they give NaN rows."""
-        vocab = self.config.vocab_size
         if not isinstance(input_ids, jax.core.Tracer):
-            ids = np.asarray(input_ids)
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-                bad = ids[(ids < 0) | (ids >= vocab)]
-                raise ValueError(f"input_ids contain {bad.size} id(s) outside the vocabulary [0, {vocab}), "
-                                 f"e.g. {int(bad.flat[0])}")
+            check_token_ids(input_ids, self.config.vocab_size)
         table = self.embed_tokens[...]
         x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
         return x.astype(self.config.dtype)
@@ -75,13 +81,35 @@ class QwaxForCausalLM(nnx.Module):
         cos, sin = rotary_cos_sin(positions, cfg, jnp.dtype(cfg.dtype))
         return LayerContext(cos=cos, sin=sin, attn_mask=mask, valid=valid, segment_ids=segment_ids)
 
+    def cached_context(self, cache: Any, length: int, attention_mask: jax.Array | None,
+                       position_ids: jax.Array | None) -> tuple[LayerContext, Any]:
+        """Context for L new tokens written at cache slots [cache.index, cache.index + L), and the cache's
+        bookkeeping after them (valid slots, index, per-row positions)."""
+        cfg = self.config
+        batch, slots = cache.valid.shape
+        new_valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
+        valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
+        q_slot = cache.index + jnp.arange(length, dtype=jnp.int32)
+        mask = (jnp.arange(slots)[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]
+        if position_ids is None:  # as transformers' generate: each row counts only its real tokens
+            position_ids = jnp.maximum(cache.position[:, None] + jnp.cumsum(new_valid, axis=1) - 1, 0)
+        cos, sin = rotary_cos_sin(jnp.asarray(position_ids), cfg, jnp.dtype(cfg.dtype))
+        ctx = LayerContext(cos=cos, sin=sin, attn_mask=mask, valid=None if attention_mask is None else new_valid,
+                           segment_ids=None, cache_index=cache.index)
+        bookkeeping = dict(valid=valid, index=cache.index + length,
+                           position=cache.position + jnp.sum(new_valid, axis=1, dtype=jnp.int32))
+        return ctx, bookkeeping
+
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None) -> ModelOutput:
+                 position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 cache: Any = None) -> ModelOutput:
         """input_ids [B, L] int; attention_mask [B, L] (1 = token, 0 = padding); position_ids [B, L] or
         [3, B, L] (multimodal T/H/W rows), default 0..L-1 as in transformers; segment_ids [B, L] int for packed
         documents (attention and the GDN state never cross a change of id).
 
-        Logits at padding positions are not meaningful (they are finite).
+        cache: a qwax.inference.Cache; the tokens continue it (prefill chunk or decode step). The mask then
+        covers the new tokens only, positions default to each row's count of real tokens, and the output
+        carries the updated cache. Logits at padding positions are not meaningful (they are finite).
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -90,14 +118,22 @@ class QwaxForCausalLM(nnx.Module):
         for name, arr in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
             if arr is not None and tuple(jnp.shape(arr)) != (b, l):
                 raise ValueError(f"{name} must have the shape of input_ids {(b, l)}, got {tuple(jnp.shape(arr))}")
-        ctx = self.context(b, l, attention_mask, position_ids, segment_ids)
-        x, router_logits = self.decoder(self.embed(input_ids), ctx)
+        if cache is None:
+            ctx = self.context(b, l, attention_mask, position_ids, segment_ids)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) cannot be combined with a decoding cache")
+            ctx, bookkeeping = self.cached_context(cache, l, attention_mask, position_ids)
+        x, router_logits, layer_caches = self.decoder(self.embed(input_ids), ctx,
+                                                      None if cache is None else cache.layers)
+        if cache is not None:
+            cache = cache._replace(layers=layer_caches, **bookkeeping)
         hidden = self.norm(x)
         aux = jnp.zeros((), jnp.float32)
         if router_logits is not None:
             aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
                                       None if ctx.valid is None else ctx.valid.reshape(-1))
-        return ModelOutput(logits=self.logits(hidden), hidden=hidden, aux_loss=aux)
+        return ModelOutput(logits=self.logits(hidden), hidden=hidden, aux_loss=aux, cache=cache)
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array, **kwargs) -> ModelOutput:

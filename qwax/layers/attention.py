@@ -7,6 +7,8 @@ is multiplied by sigmoid(gate) before o_proj.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,6 +29,13 @@ def attention_mask(kv_valid: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
     if q_segment is not None:
         mask &= q_segment[:, :, None] == kv_segment[:, None, :]
     return mask
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer, preallocated to the maximum length: k, v [B, T, Nkv, D]."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 class Attention(nnx.Module):
@@ -65,8 +74,19 @@ class Attention(nnx.Module):
         out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
         return out.reshape(b, lq, nq * d)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, L, H], cos/sin [B, L, rotary_dim], mask [B, L, L] bool -> [B, L, H]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: KVCache | None = None, cache_index: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """x [B, L, H], cos/sin [B, L, rotary_dim] -> (y [B, L, H], updated cache or None).
+
+        Without a cache, mask is [B, L, L]. With one, the new keys/values are written at slots
+        [cache_index, cache_index + L) and the queries attend over all T slots: mask is [B, L, T].
+        """
         q, k, v, gate = self.project_qkv(x, cos, sin)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                            v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
         out = self.attend(q, k, v, mask)
-        return self.o_proj(out * jax.nn.sigmoid(gate))
+        return self.o_proj(out * jax.nn.sigmoid(gate)), cache

@@ -33,8 +33,9 @@ REMAT_POLICIES: dict[str, Any] = {
 class LayerContext(NamedTuple):
     """Per-forward inputs shared by every layer.
 
-    cos, sin [B, L, rotary_dim]; attn_mask [B, L, L] bool; valid [B, L] bool (None: no padding);
-    segment_ids [B, L] int (None: one document per row).
+    cos, sin [B, L, rotary_dim]; attn_mask [B, L, L] bool ([B, L, T] over the cache slots when decoding with a
+    cache); valid [B, L] bool (None: no padding); segment_ids [B, L] int (None: one document per row);
+    cache_index: int32 scalar, the cache slot of the first new token (None without a cache).
     """
 
     cos: jax.Array
@@ -42,6 +43,11 @@ class LayerContext(NamedTuple):
     attn_mask: jax.Array
     valid: jax.Array | None
     segment_ids: jax.Array | None
+    cache_index: jax.Array | None = None
+
+
+# A layer's cache: KVCache for attention layers, GDNState for Gated DeltaNet layers.
+LayerCache = Any
 
 
 class DecoderLayer(nnx.Module):
@@ -56,20 +62,22 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(h, cfg=cfg, rngs=rngs)
         self.mlp = SparseMoE(cfg, rngs=rngs) if ffn == "moe" else MLP(h, cfg.intermediate_size, cfg=cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, L, H] -> (x [B, L, H], router_logits [B*L, E] or None for a dense FFN)."""
+    def __call__(self, x: jax.Array, ctx: LayerContext, cache: LayerCache = None
+                 ) -> tuple[jax.Array, jax.Array | None, LayerCache]:
+        """x [B, L, H] -> (x [B, L, H], router_logits [B*L, E] or None for a dense FFN, updated cache or None)."""
         h = self.input_layernorm(x)
         if self.mixer == "linear_attention":
-            h, _ = self.linear_attn(h, ctx.valid, ctx.segment_ids)
+            h, state = self.linear_attn(h, ctx.valid, ctx.segment_ids, cache)
+            cache = None if cache is None else state
         else:
-            h = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask)
+            h, cache = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index)
         x = x + h
         h = self.post_attention_layernorm(x)
         if self.ffn == "moe":
             h, router_logits = self.mlp(h)
         else:
             h, router_logits = self.mlp(h), None
-        return x + h, router_logits
+        return x + h, router_logits, cache
 
 
 class LayerGroup(nnx.Module):
@@ -78,14 +86,16 @@ class LayerGroup(nnx.Module):
     def __init__(self, cfg: QwaxConfig, kinds: tuple[tuple[str, str], ...], *, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, mixer, ffn, rngs=rngs) for mixer, ffn in kinds])
 
-    def __call__(self, x: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array | None]:
-        """Returns x and the group's router logits stacked [n_moe_layers_in_group, B*L, E] (or None)."""
-        logits = []
-        for layer in self.layers:
-            x, lg = layer(x, ctx)
+    def __call__(self, x: jax.Array, ctx: LayerContext, caches: tuple[LayerCache, ...] | None = None):
+        """Returns x, the group's router logits stacked [n_moe_layers_in_group, B*L, E] (or None), and the
+        updated caches (one per layer, or None)."""
+        logits, new_caches = [], []
+        for i, layer in enumerate(self.layers):
+            x, lg, c = layer(x, ctx, None if caches is None else caches[i])
+            new_caches.append(c)
             if lg is not None:
                 logits.append(lg)
-        return x, (jnp.stack(logits) if logits else None)
+        return x, (jnp.stack(logits) if logits else None), (None if caches is None else tuple(new_caches))
 
 
 def _remat(fn, policy_name: str):
@@ -119,26 +129,33 @@ class Decoder(nnx.Module):
         else:
             self.layers = nnx.List([DecoderLayer(cfg, m, f, rngs=rngs) for m, f in cfg.layer_kinds])
 
-    def __call__(self, x: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, L, H] -> (x [B, L, H], router logits of all MoE layers [n_moe, B*L, E] or None)."""
+    def __call__(self, x: jax.Array, ctx: LayerContext, cache: Any = None):
+        """x [B, L, H] -> (x [B, L, H], router logits of all MoE layers [n_moe, B*L, E] or None, new cache).
+
+        cache: None, or the stack's cache as built by qwax.inference.cache.init_cache (scanned: a tuple with one
+        entry per layer of the group, each stacked over groups; unrolled: a tuple with one entry per layer).
+        """
         if self.scanned:
             graphdef, params = nnx.split(self.groups)
 
-            def body(h, group_params):
-                return nnx.merge(graphdef, group_params)(h, ctx)
+            def body(h, xs):
+                group_params, group_cache = xs
+                h, logits, new_cache = nnx.merge(graphdef, group_params)(h, ctx, group_cache)
+                return h, (logits, new_cache)
 
-            x, logits = jax.lax.scan(_remat(body, self.remat), x, params)
+            x, (logits, cache) = jax.lax.scan(_remat(body, self.remat), x, (params, cache))
             if logits is not None:
                 logits = logits.reshape(-1, *logits.shape[2:])
-            return x, logits
-        all_logits = []
-        for layer in self.layers:
+            return x, logits, cache
+        all_logits, new_cache = [], []
+        for i, layer in enumerate(self.layers):
             graphdef, params = nnx.split(layer)
 
-            def body(h, layer_params, graphdef=graphdef):
-                return nnx.merge(graphdef, layer_params)(h, ctx)
+            def body(h, layer_params, layer_cache, graphdef=graphdef):
+                return nnx.merge(graphdef, layer_params)(h, ctx, layer_cache)
 
-            x, lg = _remat(body, self.remat)(x, params)
+            x, lg, c = _remat(body, self.remat)(x, params, None if cache is None else cache[i])
+            new_cache.append(c)
             if lg is not None:
                 all_logits.append(lg)
-        return x, (jnp.stack(all_logits) if all_logits else None)
+        return x, (jnp.stack(all_logits) if all_logits else None), (None if cache is None else tuple(new_cache))

@@ -20,7 +20,7 @@ from flax import nnx
 from qwax.config import QwaxConfig
 from qwax.layers.common import Linear, param
 from qwax.layers.norms import GatedRMSNorm
-from qwax.pallas_kernels import gated_delta_rule
+from qwax.pallas_kernels import gated_delta_rule, gated_delta_rule_step
 
 
 class GDNState(NamedTuple):
@@ -135,9 +135,14 @@ class GatedDeltaNet(nnx.Module):
         if valid is not None:
             beta = jnp.where(valid[..., None], beta, 0)
             g = jnp.where(valid[..., None], g, 0.0)
-        o, recurrent = gated_delta_rule(
-            q, k, v, g, beta.astype(jnp.float32), initial_state=None if state is None else state.recurrent,
-            segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
+        if state is not None and l == 1:  # decode: one step of the recurrence
+            o, recurrent = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].astype(jnp.float32),
+                                                 state.recurrent)
+            o = o[:, None]
+        else:
+            o, recurrent = gated_delta_rule(
+                q, k, v, g, beta.astype(jnp.float32), initial_state=None if state is None else state.recurrent,
+                segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
         y = self.norm(o.astype(x.dtype), z)
         y = self.out_proj(y.reshape(bsz, l, self.value_dim))
         # The conv cache keeps the raw inputs of the last K positions (zero-left-padded for short inputs).

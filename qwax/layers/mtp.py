@@ -36,7 +36,7 @@ class MTP(nnx.Module):
         x = self.fc(jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
         logits = []
         for layer in self.layers:
-            x, lg = layer(x, ctx)
+            x, lg, _ = layer(x, ctx)
             if lg is not None:
                 logits.append(lg)
         return self.norm(x), (jnp.stack(logits) if logits else None)

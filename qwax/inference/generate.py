@@ -1,0 +1,123 @@
+"""Batched generation with the hybrid cache: chunked prefill, then one jitted decode step per token.
+
+Prompts of different lengths are left-padded; padding never enters the attention keys or the GDN state. The
+prefill processes the prompt in fixed-size chunks (bounded memory for long prompts; one compilation per chunk
+size), and both steps are jitted once per shape bucket (batch, chunk, cache length).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwax.inference.cache import Cache, init_cache
+from qwax.inference.sampling import sample
+from qwax.model import QwaxForCausalLM, check_token_ids
+
+CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so similar requests share compilations
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def prefill_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input_ids: jax.Array,
+                  attention_mask: jax.Array) -> tuple[jax.Array, Cache]:
+    """Run L prompt tokens [B, L] through the model into `cache`; returns (last-position logits [B, V], cache)."""
+    out = nnx.merge(graphdef, params)(input_ids, attention_mask=attention_mask, cache=cache)
+    return out.logits[:, -1].astype(jnp.float32), out.cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array
+                ) -> tuple[jax.Array, Cache]:
+    """One token per row [B] -> (logits [B, V] float32, cache)."""
+    out = nnx.merge(graphdef, params)(tokens[:, None], cache=cache)
+    return out.logits[:, -1].astype(jnp.float32), out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _sample(logits, key, *, temperature, top_k, top_p):
+    return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input_ids: np.ndarray,
+            attention_mask: np.ndarray, chunk_size: int) -> tuple[jax.Array, Cache]:
+    """Left-pad [B, L] to a multiple of `chunk_size` and run the chunks in order; returns (logits, cache)."""
+    b, l = input_ids.shape
+    padded = -(-l // chunk_size) * chunk_size
+    ids = np.zeros((b, padded), np.int32)
+    mask = np.zeros((b, padded), np.int32)
+    ids[:, padded - l:], mask[:, padded - l:] = input_ids, attention_mask
+    logits = None
+    for start in range(0, padded, chunk_size):
+        sl = slice(start, start + chunk_size)
+        logits, cache = prefill_chunk(graphdef, params, cache, jnp.asarray(ids[:, sl]), jnp.asarray(mask[:, sl]))
+    return logits, cache
+
+
+def _as_int_set(eos: int | Sequence[int] | None) -> np.ndarray:
+    if eos is None:
+        return np.zeros((0,), np.int32)
+    return np.atleast_1d(np.asarray(eos, np.int32))
+
+
+def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attention_mask=None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
+             stream: Callable[[np.ndarray], None] | None = None, prefill_chunk_size: int = 512) -> np.ndarray:
+    """Generate up to `max_new_tokens` tokens after each prompt.
+
+    input_ids [B, L] int (left-padded when rows differ in length, with attention_mask [B, L] 1/0).
+    Greedy when temperature == 0, else sampling with optional top_k / top_p, from `seed`. Rows stop at any of
+    `eos_token_id` (default: the config's); finished rows are filled with `pad_token_id` (default: the config's,
+    else the first eos id, else 0). Generation ends early when every row has finished.
+    stream(tokens [B]) is called with each new token column as soon as it is chosen.
+
+    Returns [B, L + n] int32, the prompts followed by the n <= max_new_tokens generated tokens.
+    """
+    cfg = model.config
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}")
+    b, l = ids.shape
+    mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if l + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {l} tokens + max_new_tokens={max_new_tokens} exceeds the model's maximum "
+                         f"length max_position_embeddings={cfg.max_position_embeddings}")
+    if l == 0 or not mask[:, -1].all():
+        raise ValueError("every prompt needs at least one token, with padding on the left (attention_mask[:, -1] "
+                         "must be 1)")
+    check_token_ids(ids[mask > 0], cfg.vocab_size)
+    eos = _as_int_set(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    pad = int(pad if pad is not None else (eos[0] if eos.size else 0))
+
+    graphdef, params = nnx.split(model)
+    chunk = min(prefill_chunk_size, -(-l // 16) * 16)
+    padded_prompt = -(-l // chunk) * chunk
+    max_len = -(-(padded_prompt + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    cache = init_cache(cfg, b, max_len)
+    logits, cache = prefill(graphdef, params, cache, ids, mask, chunk)
+
+    key = jax.random.key(seed)
+    out = [ids.astype(np.int32)]
+    done = np.zeros((b,), bool)
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        tokens = np.asarray(_sample(logits, sub, temperature=float(temperature), top_k=top_k, top_p=top_p))
+        tokens = np.where(done, pad, tokens).astype(np.int32)
+        out.append(tokens[:, None])
+        if stream is not None:
+            stream(tokens)
+        done |= np.isin(tokens, eos)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits, cache = decode_step(graphdef, params, cache, jnp.asarray(tokens))
+    return np.concatenate(out, axis=1)
