@@ -100,9 +100,9 @@ class QwaxForCausalLM(nnx.Module):
                            position=cache.position + jnp.sum(new_valid, axis=1, dtype=jnp.int32))
         return ctx, bookkeeping
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+    def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 cache: Any = None) -> ModelOutput:
+                 cache: Any = None, inputs_embeds: jax.Array | None = None) -> ModelOutput:
         """input_ids [B, L] int; attention_mask [B, L] (1 = token, 0 = padding); position_ids [B, L] or
         [3, B, L] (multimodal T/H/W rows), default 0..L-1 as in transformers; segment_ids [B, L] int for packed
         documents (attention and the GDN state never cross a change of id).
@@ -110,21 +110,27 @@ class QwaxForCausalLM(nnx.Module):
         cache: a qwax.inference.Cache; the tokens continue it (prefill chunk or decode step). The mask then
         covers the new tokens only, positions default to each row's count of real tokens, and the output
         carries the updated cache. Logits at padding positions are not meaningful (they are finite).
+        inputs_embeds [B, L, H]: embeddings to use instead of embedding input_ids (early-fusion multimodal input);
+        pass input_ids=None with it.
         """
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        b, l = input_ids.shape
+        if inputs_embeds is None:
+            input_ids = jnp.asarray(input_ids)
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed(input_ids)
+        elif input_ids is not None:
+            raise ValueError("pass either input_ids or inputs_embeds, not both")
+        b, l = inputs_embeds.shape[:2]
         for name, arr in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
             if arr is not None and tuple(jnp.shape(arr)) != (b, l):
-                raise ValueError(f"{name} must have the shape of input_ids {(b, l)}, got {tuple(jnp.shape(arr))}")
+                raise ValueError(f"{name} must have the shape of the input tokens {(b, l)}, got {tuple(jnp.shape(arr))}")
         if cache is None:
             ctx = self.context(b, l, attention_mask, position_ids, segment_ids)
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed documents) cannot be combined with a decoding cache")
             ctx, bookkeeping = self.cached_context(cache, l, attention_mask, position_ids)
-        x, router_logits, layer_caches = self.decoder(self.embed(input_ids), ctx,
+        x, router_logits, layer_caches = self.decoder(inputs_embeds.astype(self.config.dtype), ctx,
                                                       None if cache is None else cache.layers)
         if cache is not None:
             cache = cache._replace(layers=layer_caches, **bookkeeping)

@@ -1,0 +1,116 @@
+"""Long-context inference: decode time per token vs context, prefill throughput, cache size, vs transformers.
+
+On a GDN-heavy tiny Qwen3.5-MoE config (3 GDN layers per attention layer) this prints, in one run:
+  - decode ms/token at contexts 1k, 4k, 16k, 64k (cache filled by a chunked prefill of that many tokens),
+    and the 16k/1k ratio (target <= 1.5);
+  - prefill tokens/s and the process's peak RSS after each prefill (64k must fit this 24 GiB machine);
+  - cache bytes per token of context;
+  - decode tokens/s of qwax.generate vs transformers' generate on the same weights, as a ratio.
+
+    python benchmarks/bench_inference.py [--contexts 1024,4096,16384,65536] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import qwax
+from qwax.inference import cache_bytes, init_cache, prefill
+from qwax.inference.generate import decode_step
+
+HF_FIELDS = dict(vocab_size=1024, hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                 linear_value_head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                 shared_expert_intermediate_size=64, max_position_embeddings=131072)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def decode_ms(graphdef, params, cfg, context: int, chunk: int, steps: int = 32) -> tuple[float, float, int]:
+    """(decode ms/token, prefill tokens/s, cache bytes) at `context` tokens of prompt."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (1, context), dtype=np.int32)
+    cache = init_cache(cfg, 1, context + steps + 1)
+    mask = np.ones_like(ids)
+    # Compile the prefill chunk first so the throughput below is steady state.
+    _, warm = prefill(graphdef, params, init_cache(cfg, 1, context + steps + 1), ids[:, :chunk], mask[:, :chunk], chunk)
+    jax.block_until_ready(warm)
+    del warm
+    start = time.perf_counter()
+    logits, cache = prefill(graphdef, params, cache, ids, mask, chunk)
+    jax.block_until_ready(logits)
+    prefill_rate = context / (time.perf_counter() - start)
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    logits, cache = decode_step(graphdef, params, cache, token)  # compile
+    jax.block_until_ready(logits)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, cache = decode_step(graphdef, params, cache, jnp.argmax(logits, -1).astype(jnp.int32))
+    jax.block_until_ready(logits)
+    return 1e3 * (time.perf_counter() - start) / steps, prefill_rate, cache_bytes(cache)
+
+
+def hf_vs_qwax(new_tokens: int = 128) -> tuple[float, float]:
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen3_5MoeTextConfig(**HF_FIELDS, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True})
+    torch.manual_seed(0)
+    hf = transformers.Qwen3_5MoeForCausalLM(cfg).eval()
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 32))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = qwax.load_hf(d)
+    qwax.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[])  # compile
+    start = time.perf_counter()
+    qwax.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+    qwax_rate = new_tokens / (time.perf_counter() - start)
+    with torch.no_grad():
+        t = torch.as_tensor(ids)
+        hf.generate(t, max_new_tokens=8, do_sample=False)
+        start = time.perf_counter()
+        hf.generate(t, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return qwax_rate, new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="1024,4096,16384,65536")
+    parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk size")
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+
+    cfg = qwax.QwaxConfig(model_type="qwen3_5_moe_text", mrope_section=(2, 1, 1), mrope_interleaved=True,
+                          rope_theta=1e7, **HF_FIELDS)
+    model = qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    print(f"config: {cfg.num_hidden_layers} layers ({cfg.layer_types.count('full_attention')} attention), "
+          f"hidden {cfg.hidden_size}, {cfg.num_experts} experts top-{cfg.num_experts_per_tok}; backend "
+          f"{jax.default_backend()}")
+    print(f"{'context':>8s} {'decode ms/tok':>14s} {'prefill tok/s':>14s} {'cache B/token':>14s} {'peak RSS GiB':>13s}")
+    results = {}
+    for context in (int(c) for c in args.contexts.split(",")):
+        ms, rate, nbytes = decode_ms(graphdef, params, cfg, context, min(args.chunk, context))
+        results[context] = ms
+        print(f"{context:8d} {ms:14.2f} {rate:14.0f} {nbytes / context:14.0f} {peak_rss_gib():13.2f}")
+    if 1024 in results and 16384 in results:
+        print(f"decode time per token 16k/1k: {results[16384] / results[1024]:.2f} (target <= 1.5)")
+    if not args.skip_hf:
+        ours, theirs = hf_vs_qwax()
+        print(f"decode tokens/s qwax {ours:.1f} vs transformers {theirs:.1f}: qwax/transformers = {ours / theirs:.2f}")
+
+
+if __name__ == "__main__":
+    main()
