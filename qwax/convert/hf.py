@@ -26,7 +26,10 @@ from flax import nnx
 
 from qwax.config import QwaxConfig
 from qwax.convert.safetensors_io import CheckpointError, CheckpointReader, atomic_directory, write_checkpoint
+from qwax.layers.vision import VisionConfig
 from qwax.model import QwaxForCausalLM
+from qwax.multimodal.config import MultimodalConfig, is_multimodal_config
+from qwax.multimodal.model import QwaxForConditionalGeneration
 
 Path = tuple[Any, ...]
 
@@ -151,6 +154,42 @@ def tensor_maps(cfg: QwaxConfig, layout: CheckpointLayout, scanned: bool) -> lis
     return maps
 
 
+def vision_tensor_maps(cfg: VisionConfig, prefix: str = "model.visual.") -> list[TensorMap]:
+    """Every tensor of the vision tower (qwax paths under `visual`). The Conv3d patch embedding
+    [D, C, T, P, P] is held as a Linear kernel [C*T*P*P, D] (a reshape and a transpose, both exact)."""
+    d = cfg.hidden_size
+    conv_shape = (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    conv = (lambda x: x.reshape(d, -1).T, lambda x: x.T.reshape(conv_shape))
+    maps = [TensorMap(f"{prefix}patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), (), *conv),
+            TensorMap(f"{prefix}patch_embed.proj.bias", ("visual", "patch_embed", "bias"), (), *_SAME),
+            TensorMap(f"{prefix}pos_embed.weight", ("visual", "pos_embed"), (), *_SAME)]
+
+    def dense(key: str, path: Path) -> list[TensorMap]:
+        return [TensorMap(f"{key}.weight", path + ("kernel",), (), *_LINEAR),
+                TensorMap(f"{key}.bias", path + ("bias",), (), *_SAME)]
+
+    def norm(key: str, path: Path) -> list[TensorMap]:
+        return [TensorMap(f"{key}.{name}", path + (name,), (), *_SAME) for name in ("weight", "bias")]
+
+    for i in range(cfg.depth):
+        key, path = f"{prefix}blocks.{i}", ("visual", "blocks", i)
+        maps += norm(f"{key}.norm1", path + ("norm1",)) + norm(f"{key}.norm2", path + ("norm2",))
+        maps += dense(f"{key}.attn.qkv", path + ("attn", "qkv")) + dense(f"{key}.attn.proj", path + ("attn", "proj"))
+        maps += dense(f"{key}.mlp.linear_fc1", path + ("mlp", "linear_fc1"))
+        maps += dense(f"{key}.mlp.linear_fc2", path + ("mlp", "linear_fc2"))
+    maps += norm(f"{prefix}merger.norm", ("visual", "merger", "norm"))
+    maps += dense(f"{prefix}merger.linear_fc1", ("visual", "merger", "linear_fc1"))
+    maps += dense(f"{prefix}merger.linear_fc2", ("visual", "merger", "linear_fc2"))
+    return maps
+
+
+def multimodal_tensor_maps(cfg: MultimodalConfig, layout: CheckpointLayout, scanned: bool) -> list[TensorMap]:
+    """Every tensor of a multimodal checkpoint: the text model under `language_model` (keys with the layout's
+    prefix, normally model.language_model.; lm_head and mtp.* at the top level) and the tower under model.visual."""
+    text = [dataclasses.replace(m, path=("language_model",) + m.path) for m in tensor_maps(cfg.text, layout, scanned)]
+    return text + vision_tensor_maps(cfg.vision)
+
+
 def _hf_shape(m: TensorMap, slice_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Checkpoint shape of a slice: apply the (view-only) transform to a zero-stride stand-in."""
     return tuple(m.to_hf(np.broadcast_to(np.zeros((), np.float32), slice_shape)).shape)
@@ -160,15 +199,19 @@ def _slice_shape(shape: tuple[int, ...], index: tuple[Any, ...]) -> tuple[int, .
     return np.broadcast_to(np.zeros((), np.float32), shape)[index].shape
 
 
-def _abstract_model(cfg: QwaxConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    abstract = nnx.eval_shape(lambda: QwaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
+def _abstract_model(cfg: QwaxConfig | MultimodalConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    cls = QwaxForConditionalGeneration if isinstance(cfg, MultimodalConfig) else QwaxForCausalLM
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     return nnx.split(abstract)
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None,
-            **config_overrides: Any) -> QwaxForCausalLM:
+def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
+            text_only: bool = False, **config_overrides: Any) -> QwaxForCausalLM | QwaxForConditionalGeneration:
     """Load a transformers checkpoint directory (config.json + safetensors, single file or sharded with index).
 
+    A multimodal Qwen3.5 checkpoint (model_type qwen3_5 / qwen3_5_moe with a vision_config) loads as a
+    QwaxForConditionalGeneration (vision tower + text model) unless `text_only`, which loads its text model alone
+    as a QwaxForCausalLM and ignores model.visual.*.
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype). A_log and the GDN norm
     weight stay float32. config_overrides replace QwaxConfig fields (e.g. scan_layers=False, gdn_impl="xla").
     Raises CheckpointError naming the key for missing tensors, wrong shapes or corrupt files.
@@ -176,7 +219,10 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
-    cfg = QwaxConfig.from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    multimodal = not text_only and is_multimodal_config(path)
+    mm_cfg = MultimodalConfig.from_hf(path, **overrides) if multimodal else None
+    cfg = mm_cfg.text if multimodal else QwaxConfig.from_hf(path, **overrides)
     with CheckpointReader(path) as reader:
         keys = set(reader.keys())
         if cfg.mtp_num_hidden_layers and not any(k.startswith("mtp.") for k in keys):
@@ -184,8 +230,13 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | 
                           "no mtp.* tensors (transformers drops them on save); loading without the MTP head.")
             cfg = cfg.replace(mtp_num_hidden_layers=0)
         layout = CheckpointLayout.detect(keys, cfg)
-        graphdef, abstract = _abstract_model(cfg)
-        maps = tensor_maps(cfg, layout, cfg.uses_scan)
+        if multimodal:
+            mm_cfg = mm_cfg.replace(text=cfg)
+            graphdef, abstract = _abstract_model(mm_cfg)
+            maps = multimodal_tensor_maps(mm_cfg, layout, cfg.uses_scan)
+        else:
+            graphdef, abstract = _abstract_model(cfg)
+            maps = tensor_maps(cfg, layout, cfg.uses_scan)
         missing = [m.hf_key for m in maps if m.hf_key not in keys]
         if missing:
             raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}"
@@ -227,20 +278,26 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | 
     return model
 
 
-def hf_tensors(model: QwaxForCausalLM, layout: CheckpointLayout | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(model: QwaxForCausalLM | QwaxForConditionalGeneration, layout: CheckpointLayout | None = None
+               ) -> Iterator[tuple[str, np.ndarray]]:
     """(checkpoint key, numpy array) for every tensor of `model`, one parameter converted at a time.
 
-    Default layout: the model type's published one for the main experts; MTP experts as the checkpoint the
-    model was loaded from stored them (Qwen3.5 per expert, Qwen3.6 fused).
+    Default layout: the model type's published one for the main experts (text keys under model.language_model.
+    for a multimodal model); MTP experts as the checkpoint the model was loaded from stored them (Qwen3.5 per
+    expert, Qwen3.6 fused).
     """
-    cfg = model.config
+    multimodal = isinstance(model, QwaxForConditionalGeneration)
+    cfg = model.config.text if multimodal else model.config
     if layout is None:
         loaded = getattr(model, "hf_layout", None)
         fused_mtp = loaded.fused_mtp_experts if loaded is not None else False
-        layout = dataclasses.replace(CheckpointLayout.default_for(cfg), fused_mtp_experts=fused_mtp)
+        layout = dataclasses.replace(CheckpointLayout.default_for(cfg), fused_mtp_experts=fused_mtp,
+                                     prefix="model.language_model." if multimodal else "model.")
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     by_path: dict[Path, list[TensorMap]] = {}
-    for m in tensor_maps(cfg, layout, cfg.uses_scan):
+    maps = multimodal_tensor_maps(model.config, layout, cfg.uses_scan) if multimodal else tensor_maps(
+        cfg, layout, cfg.uses_scan)
+    for m in maps:
         by_path.setdefault(m.path, []).append(m)
     for p, group in by_path.items():
         variable = state[p]
@@ -249,7 +306,7 @@ def hf_tensors(model: QwaxForCausalLM, layout: CheckpointLayout | None = None) -
             yield m.hf_key, np.ascontiguousarray(m.to_hf(array[m.index]))
 
 
-def save_hf(model: QwaxForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
+def save_hf(model: QwaxForCausalLM | QwaxForConditionalGeneration, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
             overwrite: bool = False) -> None:
     """Write `model` as a transformers checkpoint directory (config.json + safetensors).
 
