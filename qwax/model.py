@@ -100,9 +100,35 @@ class QwaxForCausalLM(nnx.Module):
                            position=cache.position + jnp.sum(new_valid, axis=1, dtype=jnp.int32))
         return ctx, bookkeeping
 
+    def prepare(self, batch: int, length: int, attention_mask: jax.Array | None, position_ids: jax.Array | None,
+                segment_ids: jax.Array | None, cache: Any, keep_step_states: bool = False
+                ) -> tuple[LayerContext, dict[str, Any] | None]:
+        """Validate the per-token inputs and build the layer context (and the cache bookkeeping, with a cache)."""
+        for name, arr in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
+            if arr is not None and tuple(jnp.shape(arr)) != (batch, length):
+                raise ValueError(f"{name} must have the shape of the input tokens {(batch, length)}, "
+                                 f"got {tuple(jnp.shape(arr))}")
+        if cache is None:
+            return self.context(batch, length, attention_mask, position_ids, segment_ids), None
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) cannot be combined with a decoding cache")
+        ctx, bookkeeping = self.cached_context(cache, length, attention_mask, position_ids)
+        return ctx._replace(keep_step_states=keep_step_states), bookkeeping
+
+    def _output(self, hidden: jax.Array, router_logits: jax.Array | None, ctx: LayerContext, cache: Any,
+                layer_caches: Any, bookkeeping: dict[str, Any] | None) -> ModelOutput:
+        aux = jnp.zeros((), jnp.float32)
+        if router_logits is not None:
+            aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
+                                      None if ctx.valid is None else ctx.valid.reshape(-1))
+        if cache is not None:
+            cache = cache._replace(layers=layer_caches, **bookkeeping)
+        return ModelOutput(logits=self.logits(hidden), hidden=hidden, aux_loss=aux, cache=cache)
+
     def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 cache: Any = None, inputs_embeds: jax.Array | None = None) -> ModelOutput:
+                 cache: Any = None, inputs_embeds: jax.Array | None = None,
+                 keep_step_states: bool = False) -> ModelOutput:
         """input_ids [B, L] int; attention_mask [B, L] (1 = token, 0 = padding); position_ids [B, L] or
         [3, B, L] (multimodal T/H/W rows), default 0..L-1 as in transformers; segment_ids [B, L] int for packed
         documents (attention and the GDN state never cross a change of id).
@@ -112,6 +138,9 @@ class QwaxForCausalLM(nnx.Module):
         carries the updated cache. Logits at padding positions are not meaningful (they are finite).
         inputs_embeds [B, L, H]: embeddings to use instead of embedding input_ids (early-fusion multimodal input);
         pass input_ids=None with it.
+        keep_step_states (with a cache): GDN layers return their state after every new token (recurrent
+        [B, L, Hv, dk, dv], conv history [B, K + L, C]) so a caller can roll back to any of them
+        (speculative decoding, see qwax.inference.speculative).
         """
         if inputs_embeds is None:
             input_ids = jnp.asarray(input_ids)
@@ -121,25 +150,27 @@ class QwaxForCausalLM(nnx.Module):
         elif input_ids is not None:
             raise ValueError("pass either input_ids or inputs_embeds, not both")
         b, l = inputs_embeds.shape[:2]
-        for name, arr in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
-            if arr is not None and tuple(jnp.shape(arr)) != (b, l):
-                raise ValueError(f"{name} must have the shape of the input tokens {(b, l)}, got {tuple(jnp.shape(arr))}")
-        if cache is None:
-            ctx = self.context(b, l, attention_mask, position_ids, segment_ids)
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed documents) cannot be combined with a decoding cache")
-            ctx, bookkeeping = self.cached_context(cache, l, attention_mask, position_ids)
+        ctx, bookkeeping = self.prepare(b, l, attention_mask, position_ids, segment_ids, cache, keep_step_states)
         x, router_logits, layer_caches = self.decoder(inputs_embeds.astype(self.config.dtype), ctx,
                                                       None if cache is None else cache.layers)
-        if cache is not None:
-            cache = cache._replace(layers=layer_caches, **bookkeeping)
-        hidden = self.norm(x)
-        aux = jnp.zeros((), jnp.float32)
-        if router_logits is not None:
-            aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
-                                      None if ctx.valid is None else ctx.valid.reshape(-1))
-        return ModelOutput(logits=self.logits(hidden), hidden=hidden, aux_loss=aux, cache=cache)
+        return self._output(self.norm(x), router_logits, ctx, cache, layer_caches, bookkeeping)
+
+    def mtp_forward(self, hidden: jax.Array, next_ids: jax.Array, attention_mask: jax.Array | None = None,
+                    position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                    cache: Any = None) -> ModelOutput:
+        """The MTP head: at position t, from hidden[t] (the main model's final-normed state) and the token
+        next_ids[t] = token t+1, predict token t+2. hidden [B, L, H], next_ids [B, L] -> logits [B, L, vocab].
+
+        Positions, masks and the cache (a qwax.inference.Cache over the MTP layers, from init_mtp_cache)
+        work as in __call__.
+        """
+        if not self.config.mtp_num_hidden_layers:
+            raise ValueError("this model has no MTP head (config.mtp_num_hidden_layers == 0)")
+        b, l = next_ids.shape
+        ctx, bookkeeping = self.prepare(b, l, attention_mask, position_ids, segment_ids, cache)
+        normed, router_logits, layer_caches = self.mtp(hidden, self.embed(next_ids), ctx,
+                                                       None if cache is None else cache.layers)
+        return self._output(normed, router_logits, ctx, cache, layer_caches, bookkeeping)
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Array, **kwargs) -> ModelOutput:

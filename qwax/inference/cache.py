@@ -21,6 +21,9 @@ from qwax.layers.attention import KVCache
 from qwax.layers.gated_deltanet import GDNState
 
 
+CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so similar requests share compilations
+
+
 class Cache(NamedTuple):
     """layers: the decoder stack's per-layer caches; valid [B, T] bool: slots holding real tokens;
     index: int32 scalar, the next free slot; position [B] int32: rotary position of each row's next token."""

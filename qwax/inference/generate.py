@@ -15,11 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwax.inference.cache import Cache, init_cache
+from qwax.inference.cache import CACHE_BUCKET, Cache, init_cache
 from qwax.inference.sampling import sample
 from qwax.model import QwaxForCausalLM, check_token_ids
-
-CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so similar requests share compilations
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -58,16 +56,48 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input_ids: 
     return logits, cache
 
 
-def _as_int_set(eos: int | Sequence[int] | None) -> np.ndarray:
-    if eos is None:
-        return np.zeros((0,), np.int32)
-    return np.atleast_1d(np.asarray(eos, np.int32))
+def check_request(model: QwaxForCausalLM, input_ids, attention_mask, max_new_tokens: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a generation request; returns (ids [B, L] int32, mask [B, L] int32)."""
+    cfg = model.config
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}")
+    mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"maximum length max_position_embeddings={cfg.max_position_embeddings}")
+    if ids.shape[1] == 0 or not mask[:, -1].all():
+        raise ValueError("every prompt needs at least one token, with padding on the left (attention_mask[:, -1] "
+                         "must be 1)")
+    check_token_ids(ids[mask > 0], cfg.vocab_size)
+    return ids.astype(np.int32), mask
+
+
+def stop_tokens(model: QwaxForCausalLM, eos_token_id, pad_token_id) -> tuple[np.ndarray, int]:
+    """(eos ids [n], pad id): the arguments, else the config's; pad falls back to the first eos id, else 0."""
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = np.atleast_1d(np.asarray([] if eos is None else eos, np.int32))
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    return eos, int(pad if pad is not None else (eos[0] if eos.size else 0))
+
+
+def cache_length(prompt_length: int, chunk: int, max_new_tokens: int) -> int:
+    """Cache slots for a left-padded prompt of `prompt_length` in chunks of `chunk`, rounded to a bucket."""
+    padded = -(-prompt_length // chunk) * chunk
+    return -(-(padded + max_new_tokens + 2) // CACHE_BUCKET) * CACHE_BUCKET
 
 
 def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
-             stream: Callable[[np.ndarray], None] | None = None, prefill_chunk_size: int = 512) -> np.ndarray:
+             stream: Callable[[np.ndarray], None] | None = None, prefill_chunk_size: int = 512,
+             speculative: str | None = None) -> np.ndarray:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     input_ids [B, L] int (left-padded when rows differ in length, with attention_mask [B, L] 1/0).
@@ -75,35 +105,29 @@ def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attentio
     `eos_token_id` (default: the config's); finished rows are filled with `pad_token_id` (default: the config's,
     else the first eos id, else 0). Generation ends early when every row has finished.
     stream(tokens [B]) is called with each new token column as soon as it is chosen.
+    speculative="mtp": draft with the model's MTP head and verify with the main model (greedy only; the same
+    tokens, fewer main-model forwards; see qwax.inference.speculative).
 
     Returns [B, L + n] int32, the prompts followed by the n <= max_new_tokens generated tokens.
     """
+    if speculative is not None:
+        if speculative != "mtp":
+            raise ValueError(f"speculative={speculative!r}: the only supported drafter is 'mtp'")
+        if temperature != 0.0:
+            raise ValueError("speculative='mtp' decodes greedily: pass temperature=0")
+        from qwax.inference.speculative import generate_mtp
+
+        return generate_mtp(model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, stream=stream,
+                            prefill_chunk_size=prefill_chunk_size)
     cfg = model.config
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}")
+    ids, mask = check_request(model, input_ids, attention_mask, max_new_tokens)
     b, l = ids.shape
-    mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if l + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {l} tokens + max_new_tokens={max_new_tokens} exceeds the model's maximum "
-                         f"length max_position_embeddings={cfg.max_position_embeddings}")
-    if l == 0 or not mask[:, -1].all():
-        raise ValueError("every prompt needs at least one token, with padding on the left (attention_mask[:, -1] "
-                         "must be 1)")
-    check_token_ids(ids[mask > 0], cfg.vocab_size)
-    eos = _as_int_set(cfg.eos_token_id if eos_token_id is None else eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
-    pad = int(pad if pad is not None else (eos[0] if eos.size else 0))
+    eos, pad = stop_tokens(model, eos_token_id, pad_token_id)
 
     graphdef, params = nnx.split(model)
     chunk = min(prefill_chunk_size, -(-l // 16) * 16)
-    padded_prompt = -(-l // chunk) * chunk
-    max_len = -(-(padded_prompt + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    cache = init_cache(cfg, b, max_len)
+    cache = init_cache(cfg, b, cache_length(l, chunk, max_new_tokens))
     logits, cache = prefill(graphdef, params, cache, ids, mask, chunk)
 
     key = jax.random.key(seed)

@@ -35,7 +35,8 @@ class LayerContext(NamedTuple):
 
     cos, sin [B, L, rotary_dim]; attn_mask [B, L, L] bool ([B, L, T] over the cache slots when decoding with a
     cache); valid [B, L] bool (None: no padding); segment_ids [B, L] int (None: one document per row);
-    cache_index: int32 scalar, the cache slot of the first new token (None without a cache).
+    cache_index: int32 scalar, the cache slot of the first new token (None without a cache);
+    keep_step_states: GDN layers return their state after every new token (for speculative rollback).
     """
 
     cos: jax.Array
@@ -44,6 +45,7 @@ class LayerContext(NamedTuple):
     valid: jax.Array | None
     segment_ids: jax.Array | None
     cache_index: jax.Array | None = None
+    keep_step_states: bool = False
 
 
 # A layer's cache: KVCache for attention layers, GDNState for Gated DeltaNet layers.
@@ -67,7 +69,7 @@ class DecoderLayer(nnx.Module):
         """x [B, L, H] -> (x [B, L, H], router_logits [B*L, E] or None for a dense FFN, updated cache or None)."""
         h = self.input_layernorm(x)
         if self.mixer == "linear_attention":
-            h, state = self.linear_attn(h, ctx.valid, ctx.segment_ids, cache)
+            h, state = self.linear_attn(h, ctx.valid, ctx.segment_ids, cache, ctx.keep_step_states)
             cache = None if cache is None else state
         else:
             h, cache = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index)

@@ -107,7 +107,7 @@ class GatedDeltaNet(nnx.Module):
         return qkv, z.reshape(bsz, l, self.num_v_heads, self.head_v_dim), b, a
 
     def __call__(self, x: jax.Array, valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 state: GDNState | None = None) -> tuple[jax.Array, GDNState]:
+                 state: GDNState | None = None, keep_step_states: bool = False) -> tuple[jax.Array, GDNState]:
         """x [B, L, H] -> (y [B, L, H], new state).
 
         valid [B, L] bool marks real tokens: padding is zeroed before the projections (as the reference does)
@@ -115,6 +115,8 @@ class GatedDeltaNet(nnx.Module):
         segment_ids [B, L] int resets the state where the id changes (packed documents); the conv window is
         not allowed to reach across a document boundary either.
         state: a cache from a previous call (prefill continuation or decode); None starts from zeros.
+        keep_step_states (with a state): run the recurrence token by token and return the state after every
+        token: recurrent [B, L, Hv, dk, dv] and the conv history [B, K + L, C], for speculative rollback.
         """
         bsz, l, _ = x.shape
         if valid is not None:
@@ -135,10 +137,16 @@ class GatedDeltaNet(nnx.Module):
         if valid is not None:
             beta = jnp.where(valid[..., None], beta, 0)
             g = jnp.where(valid[..., None], g, 0.0)
-        if state is not None and l == 1:  # decode: one step of the recurrence
-            o, recurrent = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].astype(jnp.float32),
-                                                 state.recurrent)
-            o = o[:, None]
+        if state is not None and (l == 1 or keep_step_states):  # decode: steps of the recurrence
+            recurrent, outs, states = state.recurrent, [], []
+            for t in range(l):
+                o_t, recurrent = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t],
+                                                       beta[:, t].astype(jnp.float32), recurrent)
+                outs.append(o_t)
+                states.append(recurrent)
+            o = jnp.stack(outs, axis=1)
+            if keep_step_states:
+                recurrent = jnp.stack(states, axis=1)
         else:
             o, recurrent = gated_delta_rule(
                 q, k, v, g, beta.astype(jnp.float32), initial_state=None if state is None else state.recurrent,
@@ -147,5 +155,5 @@ class GatedDeltaNet(nnx.Module):
         y = self.out_proj(y.reshape(bsz, l, self.value_dim))
         # The conv cache keeps the raw inputs of the last K positions (zero-left-padded for short inputs).
         prev = jnp.zeros((bsz, k_size, qkv.shape[-1]), qkv.dtype) if state is None else state.conv.astype(qkv.dtype)
-        conv = jnp.concatenate([prev, qkv], axis=1)[:, -k_size:]
-        return y, GDNState(conv=conv, recurrent=recurrent)
+        conv = jnp.concatenate([prev, qkv], axis=1)
+        return y, GDNState(conv=conv if keep_step_states else conv[:, -k_size:], recurrent=recurrent)

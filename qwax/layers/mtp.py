@@ -30,13 +30,15 @@ class MTP(nnx.Module):
                                 for _ in range(cfg.mtp_num_hidden_layers)])
         self.norm = RMSNorm(h, cfg=cfg, rngs=rngs)
 
-    def __call__(self, hidden: jax.Array, next_embeds: jax.Array, ctx: LayerContext
-                 ) -> tuple[jax.Array, jax.Array | None]:
-        """hidden, next_embeds [B, L, H] -> (normed hidden [B, L, H] for the LM head, router logits or None)."""
+    def __call__(self, hidden: jax.Array, next_embeds: jax.Array, ctx: LayerContext, caches: tuple | None = None
+                 ) -> tuple[jax.Array, jax.Array | None, tuple | None]:
+        """hidden, next_embeds [B, L, H] -> (normed hidden [B, L, H] for the LM head, router logits
+        [n_moe, B*L, E] or None, updated per-layer KV caches or None)."""
         x = self.fc(jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
-        logits = []
-        for layer in self.layers:
-            x, lg, _ = layer(x, ctx)
+        logits, new_caches = [], []
+        for i, layer in enumerate(self.layers):
+            x, lg, c = layer(x, ctx, None if caches is None else caches[i])
+            new_caches.append(c)
             if lg is not None:
                 logits.append(lg)
-        return self.norm(x), (jnp.stack(logits) if logits else None)
+        return self.norm(x), (jnp.stack(logits) if logits else None), (None if caches is None else tuple(new_caches))
