@@ -1,0 +1,116 @@
+"""Generation with images and videos: fuse once, prefill the fused embeddings, decode text with the rope delta.
+
+The vision tower and the fusion run once on the prompt; the prompt's fused embeddings go through the text model's
+chunked prefill with their multimodal (T, H, W) positions. Every generated token is text, so on all three rows its
+position is the row's count of real tokens so far plus the row's rope delta (max prompt position + 1 - real
+prompt tokens), as in transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwax.inference.cache import Cache, init_cache
+from qwax.inference.sampling import sample
+from qwax.multimodal.model import QwaxForConditionalGeneration
+
+_CACHE_BUCKET = 256
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def prefill_embeds_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, embeds: jax.Array,
+                         attention_mask: jax.Array, position_ids: jax.Array) -> tuple[jax.Array, Cache]:
+    """Fused embeddings [B, L, H] with positions [3, B, L] into `cache`; (last logits [B, V] float32, cache)."""
+    out = nnx.merge(graphdef, params)(None, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                      inputs_embeds=embeds)
+    return out.logits[:, -1].astype(jnp.float32), out.cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array, rope_delta: jax.Array
+                ) -> tuple[jax.Array, Cache]:
+    """One text token per row [B] at position (real tokens so far) + rope_delta [B] -> (logits [B, V], cache)."""
+    position = jnp.broadcast_to((cache.position + rope_delta)[None, :, None], (3, tokens.shape[0], 1))
+    out = nnx.merge(graphdef, params)(tokens[:, None], position_ids=position, cache=cache)
+    return out.logits[:, -1].astype(jnp.float32), out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _sample(logits, key, *, temperature, top_k, top_p):
+    return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def generate(model: QwaxForConditionalGeneration, input_ids: Any, *, max_new_tokens: int, attention_mask: Any = None,
+             pixel_values: Any = None, image_grid_thw: Any = None, pixel_values_videos: Any = None,
+             video_grid_thw: Any = None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, seed: int = 0, stream: Callable[[np.ndarray], None] | None = None,
+             prefill_chunk_size: int = 512) -> np.ndarray:
+    """Generate up to `max_new_tokens` text tokens after each (multimodal) prompt.
+
+    input_ids [B, L] with the placeholder runs of the images / videos (left-padded, attention_mask [B, L]);
+    pixel_values / image_grid_thw and pixel_values_videos / video_grid_thw as for the model's forward. The other
+    arguments are those of qwax.generate. Returns [B, L + n] int32: the prompts, then n <= max_new_tokens tokens.
+    """
+    cfg = model.config.text
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}")
+    b, l = ids.shape
+    mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if l == 0 or not mask[:, -1].all():
+        raise ValueError("every prompt needs at least one token, with padding on the left (attention_mask[:, -1] "
+                         "must be 1)")
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = np.atleast_1d(np.asarray([] if eos is None else eos, np.int32))
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    pad = int(pad if pad is not None else (eos[0] if eos.size else 0))
+
+    embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    positions, delta = model.rope_index(ids, mask, image_grid_thw, video_grid_thw)
+    if int(positions.max()) + max_new_tokens >= cfg.max_position_embeddings:
+        raise ValueError(f"prompt positions up to {int(positions.max())} + max_new_tokens={max_new_tokens} exceed "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+
+    graphdef, params = nnx.split(model.language_model)
+    chunk = min(prefill_chunk_size, -(-l // 16) * 16)
+    padded = -(-l // chunk) * chunk
+    cache = init_cache(cfg, b, -(-(padded + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET)
+    # Left-pad the prompt to whole chunks: padding slots are invalid in the cache and never seen again.
+    x = jnp.zeros((b, padded, embeds.shape[-1]), embeds.dtype).at[:, padded - l:].set(embeds)
+    m = np.zeros((b, padded), np.int32)
+    m[:, padded - l:] = mask
+    p = np.zeros((3, b, padded), np.int32)
+    p[:, :, padded - l:] = positions
+    logits = None
+    for start in range(0, padded, chunk):
+        sl = slice(start, start + chunk)
+        logits, cache = prefill_embeds_chunk(graphdef, params, cache, x[:, sl], jnp.asarray(m[:, sl]),
+                                             jnp.asarray(p[:, :, sl]))
+
+    key = jax.random.key(seed)
+    delta = jnp.asarray(delta, jnp.int32)
+    out = [ids.astype(np.int32)]
+    done = np.zeros((b,), bool)
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        tokens = np.asarray(_sample(logits, sub, temperature=float(temperature), top_k=top_k, top_p=top_p))
+        tokens = np.where(done, pad, tokens).astype(np.int32)
+        out.append(tokens[:, None])
+        if stream is not None:
+            stream(tokens)
+        done |= np.isin(tokens, eos)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits, cache = decode_step(graphdef, params, cache, jnp.asarray(tokens), delta)
+    return np.concatenate(out, axis=1)
