@@ -265,19 +265,51 @@ class CheckpointReader:
         """Reads one tensor into a new writable numpy array of its stored dtype and shape."""
         info = self._info(key)
         out = np.empty(info.shape, info.dtype)
+        self._read_into(key, info, out, info.begin)
+        return out
+
+    def get_slice(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Reads rows ``[start, stop)`` of a tensor's leading axis (``get(key)[start:stop]``) and nothing else.
+
+        Rows are contiguous in the file, so this is one byte-range read: a process loading its shard of an
+        expert stack, or a converter streaming a large tensor in pieces, never holds the whole tensor.
+        """
+        info = self._info(key)
+        if not info.shape:
+            raise CheckpointError(f"tensor {key!r} in {info.file} is a scalar and has no leading axis to slice")
+        rows = info.shape[0]
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"rows [{start}, {stop}) out of range for tensor {key!r} of shape "
+                                  f"{list(info.shape)} in {info.file}")
+        out = np.empty((stop - start,) + info.shape[1:], info.dtype)
+        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+        self._read_into(key, info, out, info.begin + start * row_bytes)
+        return out
+
+    def _read_into(self, key: str, info: _TensorInfo, out: np.ndarray, offset: int) -> None:
         view = memoryview(out.reshape(-1).view(np.uint8))
         fd = self._fd(info.file)
         done = 0
         while done < len(view):  # one read returns at most ~2 GiB on Linux; big expert stacks need several
-            n = self._read_at(fd, view[done:], info.begin + done)
+            n = self._read_at(fd, view[done:], offset + done)
             if n == 0:
                 raise CheckpointError(f"{info.file}: file shrank while reading tensor {key!r}")
             done += n
-        return out
+
+    def file_of(self, key: str) -> Path:
+        """The file holding tensor ``key``."""
+        return self._info(key).file
+
+    def nbytes(self, key: str) -> int:
+        return self._info(key).end - self._info(key).begin
+
+    def keys_in_file_order(self) -> list[str]:
+        """Tensor names sorted by file and byte offset: reading in this order is sequential on disk."""
+        return sorted(self._infos, key=lambda k: (str(self._infos[k].file), self._infos[k].begin))
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yields ``(key, array)`` one tensor at a time, in file and offset order (sequential reads)."""
-        for key in sorted(self._infos, key=lambda k: (str(self._infos[k].file), self._infos[k].begin)):
+        for key in self.keys_in_file_order():
             yield key, self.get(key)
 
     def _read_at(self, fd: int, view: memoryview, offset: int) -> int:
