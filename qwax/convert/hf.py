@@ -150,7 +150,7 @@ def tensor_maps(cfg: QwaxConfig, layout: CheckpointLayout, scanned: bool) -> lis
         for j in range(cfg.mtp_num_hidden_layers):
             for suffix, local, index, (to_q, to_h) in _layer_maps(cfg, "full_attention", ffn,
                                                                   layout.fused_mtp_experts):
-                maps.append(TensorMap(f"mtp.layers.{j}.{suffix}", ("mtp", "layers", j) + local, index, to_q, to_h))
+                maps.append(TensorMap(f"mtp.layers.{j}.{suffix}", ("mtp", "block", "layers", j) + local, index, to_q, to_h))
     return maps
 
 
@@ -206,7 +206,8 @@ def _abstract_model(cfg: QwaxConfig | MultimodalConfig) -> tuple[nnx.GraphDef, n
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None, *,
-            text_only: bool = False, **config_overrides: Any) -> QwaxForCausalLM | QwaxForConditionalGeneration:
+            text_only: bool = False, mesh: jax.sharding.Mesh | None = None, rules: Any = None,
+            **config_overrides: Any) -> QwaxForCausalLM | QwaxForConditionalGeneration:
     """Load a transformers checkpoint directory (config.json + safetensors, single file or sharded with index).
 
     A multimodal Qwen3.5 checkpoint (model_type qwen3_5 / qwen3_5_moe with a vision_config) loads as a
@@ -214,6 +215,9 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | 
     as a QwaxForCausalLM and ignores model.visual.*.
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: dtype). A_log and the GDN norm
     weight stay float32. config_overrides replace QwaxConfig fields (e.g. scan_layers=False, gdn_impl="xla").
+    mesh, rules: place every parameter directly in its sharded form (rules: a qwax.sharding strategy name or rule
+    table, default "fsdp"); each device's shard is read from only the checkpoint rows it covers, so no host or
+    device holds a whole expert stack (qwax.convert.stream.place_from_hf).
     Raises CheckpointError naming the key for missing tensors, wrong shapes or corrupt files.
     """
     path = os.fspath(path)
@@ -252,18 +256,26 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | 
         for m in maps:
             by_path.setdefault(m.path, []).append(m)
         flat = nnx.to_flat_state(abstract)
+        if mesh is not None:
+            from qwax.convert.stream import HFSource, param_shardings_for, place_from_hf
+            shardings, source = param_shardings_for(abstract, mesh, rules), HFSource(reader)
         values: dict[Path, jax.Array] = {}
         for p, variable in flat:
             spec = variable.get_value()
             if p not in by_path:
                 raise CheckpointError(f"qwax parameter {'.'.join(map(str, p))} has no checkpoint tensor mapped to it")
-            buf = np.zeros(spec.shape, np.dtype(spec.dtype))
-            filled = 0
             for m in by_path[p]:
                 want = _hf_shape(m, _slice_shape(spec.shape, m.index))
                 got = tuple(reader.shape(m.hf_key))
                 if got != want:
                     raise CheckpointError(f"{path}: tensor {m.hf_key!r} has shape {list(got)}, expected {list(want)}")
+            if mesh is not None:
+                values[p] = place_from_hf(tuple(spec.shape), np.dtype(spec.dtype), by_path[p], shardings[p], source)
+                continue
+            buf = np.zeros(spec.shape, np.dtype(spec.dtype))
+            filled = 0
+            for m in by_path[p]:
+                want = _hf_shape(m, _slice_shape(spec.shape, m.index))
                 buf[m.index] = m.to_qwax(reader.get(m.hf_key)).astype(buf.dtype)
                 filled += int(np.prod(want))
             if filled != buf.size:

@@ -8,7 +8,7 @@ rows maps to a box of the qwax parameter that tensorstore writes without touchin
 memory therefore stays near a few pieces, whatever the size of the expert stacks (HF -> orbax), or one tensor
 (orbax -> HF, where the safetensors writer takes whole tensors).
 
-Loading onto a mesh (`load_hf_onto_mesh`, `load_orbax(mesh=...)`) builds each parameter with
+Loading onto a mesh (`qwax.load_hf(mesh=...)` through `place_from_hf`, `load_orbax(mesh=...)`) builds each parameter with
 `jax.make_array_from_callback`: each device's region is assembled from exactly the rows of the checkpoint
 tensors it covers, so a device (and the process feeding it) never holds more than its own shard of a stack.
 
@@ -429,7 +429,7 @@ def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
                     else:
                         name, nidx, axis, to_qwax = EXTRA_PREFIX + key, _norm_index((), shape), (0 if shape else None), None
                     target = array_dtype[name]
-                    crc = 0
+                    crc = stored_crc = 0
                     row_bytes = reader.nbytes(key) // shape[0] if shape and shape[0] else reader.nbytes(key)
                     align = writer.shapes[name][2][_range_dims(nidx)[axis]] if axis is not None else 1
                     pieces = _row_bounds(shape[0], row_bytes, align) if axis is not None else [(0, None)]
@@ -438,13 +438,15 @@ def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
                         source_bytes = rows.nbytes
                         rows = rows.astype(target, copy=False)
                         crc = _crc(crc, rows)
-                        piece = to_qwax(rows) if to_qwax is not None else rows
+                        # The one transpose of the conversion; the stored-layout checksum is verified on read-back.
+                        piece = np.ascontiguousarray(to_qwax(rows)) if to_qwax is not None else rows
+                        stored_crc = _crc(stored_crc, piece)
                         box = () if r1 is None else _box(piece.ndim, axis, r0, r1)
                         writer.write(name, _compose(nidx, box), piece)
                         bar.update(source_bytes)
                     bar.update(0, tensor_done=True)
                     tensors_meta[key] = {"array": name, "index": _encode_index(nidx), "shape": list(shape),
-                                         "dtype": target.name, "crc32": crc}
+                                         "dtype": target.name, "crc32": crc, "stored_crc32": stored_crc}
                     stats.tensors += 1
                     stats.bytes += int(np.prod(shape)) * target.itemsize
                 writer.finish(_orbax_metadata(cfg, plan, params, array_dtype, writer, tensors_meta,
@@ -498,23 +500,31 @@ def _verify_orbax(directory: Path, cfg: QwaxConfig, params: dict[Path_, _Param],
     by_key = {m.hf_key: (m, p) for p in params.values() for m in p.maps}
     for key, meta in tensors.items():
         crc, shape = 0, tuple(meta["shape"]) if meta["shape"] and meta["shape"][0] == 0 else None
-        for piece in _read_hf_tensor_pieces(reader, key, meta, by_key.get(key)):
+        mapped = by_key.get(key)
+        for piece in _read_hf_tensor_pieces(reader, key, meta, mapped, stored_layout=True):
             crc = _crc(crc, piece)
+            if mapped is not None:
+                piece = mapped[0].to_hf(piece)
             shape = piece.shape if shape is None else (shape[0] + piece.shape[0],) + tuple(piece.shape[1:])
-        if list(shape) != meta["shape"] or crc != meta["crc32"]:
+        if list(shape) != meta["shape"] or crc != meta["stored_crc32"]:
             raise CheckpointError(f"{directory}: verification failed for tensor {key!r}: read back shape "
-                                  f"{list(shape)} crc32 {crc:#010x}, wrote {meta['shape']} crc32 {meta['crc32']:#010x}")
+                                  f"{list(shape)} crc32 {crc:#010x}, wrote {meta['shape']} crc32 "
+                                  f"{meta['stored_crc32']:#010x}")
 
 
 def _read_hf_tensor_pieces(reader: OrbaxReader, key: str, meta: dict[str, Any],
-                           mapped: tuple[TensorMap, _Param] | None) -> Iterator[np.ndarray]:
-    """Checkpoint tensor `key` read from an orbax checkpoint, as leading-axis pieces in checkpoint layout."""
+                           mapped: tuple[TensorMap, _Param] | None, stored_layout: bool = False
+                           ) -> Iterator[np.ndarray]:
+    """Checkpoint tensor `key` read from an orbax checkpoint, as pieces of its leading axis, in checkpoint layout
+    (views: to_hf of the stored pieces) or, with `stored_layout`, as the stored pieces themselves."""
     shape = tuple(meta["shape"])
     if mapped is None:
         name, nidx, axis, to_hf = EXTRA_PREFIX + key, _norm_index((), shape), (0 if shape else None), None
     else:
         m, p = mapped
         name, nidx, axis, to_hf = p.name, _norm_index(m.index, p.shape), _row_axis(m, shape), m.to_hf
+    if stored_layout:
+        to_hf = None
     if axis is None:
         piece = reader.read(name, _compose(nidx, ()))
         yield to_hf(piece) if to_hf else piece
@@ -594,14 +604,14 @@ def convert_orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
             crc = 0
             read_meta = {"shape": entry["shape"], "dtype": entry["stored"]}
             for piece in _read_hf_tensor_pieces(reader, key, read_meta, by_key.get(key)):
-                piece = piece.astype(target, copy=False)
                 if out.ndim:
-                    out[row:row + piece.shape[0]] = piece
+                    written = out[row:row + piece.shape[0]]
                     row += piece.shape[0]
                 else:
-                    out[...] = piece
-                crc = _crc(crc, piece)
-                bar.update(piece.nbytes)
+                    written = out
+                written[...] = piece  # the one transpose (and cast) of the conversion
+                crc = _crc(crc, written)
+                bar.update(written.nbytes)
             want = recorded.get(key)
             if want is not None and want["dtype"] == target.name and want["shape"] == entry["shape"] \
                     and want["crc32"] != crc:
@@ -740,7 +750,8 @@ def _assembler(p: _Param, m: TensorMap, target: np.dtype, source: HFSource) -> C
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _shardings(abstract: nnx.State, mesh: Any, rules: Any) -> dict[Path_, Any]:
+def param_shardings_for(abstract: nnx.State, mesh: Any, rules: Any) -> dict[Path_, Any]:
+    """{parameter path: NamedSharding} from qwax.sharding's rules (a strategy name, default "fsdp", or a table)."""
     from qwax.sharding import get_rules, param_shardings
 
     table = get_rules(rules if rules is not None else "fsdp") if isinstance(rules, (str, type(None))) else rules
@@ -759,34 +770,18 @@ def _merge(graphdef: nnx.GraphDef, abstract: nnx.State, values: dict[Path_, jax.
     return nnx.merge(graphdef, abstract)
 
 
-def load_hf_onto_mesh(path: str | os.PathLike, mesh: Any, rules: Any = None, dtype: str = "float32",
-                      param_dtype: str | None = None, **config_overrides: Any) -> Any:
-    """`qwax.load_hf(path, mesh=..., rules=...)`: every parameter is built directly in its sharded form.
+def place_from_hf(shape: tuple[int, ...], dtype: np.dtype, maps: list[TensorMap], sharding: Any,
+                  source: HFSource) -> jax.Array:
+    """One parameter, built in its sharded form from the checkpoint tensors `maps` (sharding None: one device).
 
-    rules: a strategy name of qwax.sharding.rules ("fsdp", "fsdp_ep", ...) or a rule table (default "fsdp").
-    Each device's shard is assembled from only the checkpoint rows it covers.
+    Used by `qwax.load_hf(path, mesh=..., rules=...)`: each device's region reads only the rows it covers.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
-    with CheckpointReader(path) as reader:
-        plan = _plan_hf(path, reader, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
-        if plan.extras:
-            warnings.warn(f"{path}: ignoring {len(plan.extras)} tensor(s) qwax does not use, e.g. {plan.extras[:3]}")
-        graphdef, abstract, params = _params(plan.cfg, plan.maps)
-        _check_shapes(reader, params)
-        shardings = _shardings(abstract, mesh, rules) if mesh is not None else {}
-        source = HFSource(reader)
-        values = {}
-        for p in params.values():
-            def read(region, p=p):
-                return assemble(p.shape, p.model_dtype, p.maps, region,
-                                lambda m, box: source.fetch(m, box).astype(p.model_dtype, copy=False))
-            values[p.path] = _place(p.shape, shardings.get(p.path), read)
-            source.clear()
-    model = _merge(graphdef, abstract, values)
-    model.hf_layout = plan.layout
-    return model
+    def read(region: tuple[slice, ...]) -> np.ndarray:
+        return assemble(shape, dtype, maps, region, lambda m, box: source.fetch(m, box).astype(dtype, copy=False))
+
+    array = _place(shape, sharding, read)
+    source.clear()
+    return array
 
 
 def load_orbax(path: str | os.PathLike, mesh: Any = None, rules: Any = None, dtype: str = "float32",
@@ -807,7 +802,7 @@ def load_orbax(path: str | os.PathLike, mesh: Any = None, rules: Any = None, dty
     stored_maps = {m.hf_key: m for m in tensor_maps(stored_cfg, layout, meta["scan_layers"])}
     maps = tensor_maps(cfg, layout, cfg.uses_scan)
     graphdef, abstract, params = _params(cfg, maps)
-    shardings = _shardings(abstract, mesh, rules) if mesh is not None else {}
+    shardings = param_shardings_for(abstract, mesh, rules) if mesh is not None else {}
     same_layout = cfg.uses_scan == meta["scan_layers"]
     values = {}
     for p in params.values():

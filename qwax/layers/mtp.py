@@ -13,12 +13,12 @@ from flax import nnx
 
 from qwax.config import QwaxConfig
 from qwax.layers.common import Linear
-from qwax.layers.decoder import DecoderLayer, LayerContext
+from qwax.layers.decoder import LayerContext, LayerGroup
 from qwax.layers.norms import RMSNorm
 
 
 class MTP(nnx.Module):
-    """Weights: pre_fc_norm_embedding, pre_fc_norm_hidden [H]; fc [2H, H]; layers[i]; norm [H]."""
+    """Weights: pre_fc_norm_embedding, pre_fc_norm_hidden [H]; fc [2H, H]; block.layers[i]; norm [H]."""
 
     def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
         h = cfg.hidden_size
@@ -26,8 +26,7 @@ class MTP(nnx.Module):
         self.pre_fc_norm_embedding = RMSNorm(h, cfg=cfg, rngs=rngs)
         self.pre_fc_norm_hidden = RMSNorm(h, cfg=cfg, rngs=rngs)
         self.fc = Linear(2 * h, h, ("mtp_concat", "embed"), cfg=cfg, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, "full_attention", ffn, rngs=rngs)
-                                for _ in range(cfg.mtp_num_hidden_layers)])
+        self.block = LayerGroup(cfg, (("full_attention", ffn),) * cfg.mtp_num_hidden_layers, rngs=rngs)
         self.norm = RMSNorm(h, cfg=cfg, rngs=rngs)
 
     def __call__(self, hidden: jax.Array, next_embeds: jax.Array, ctx: LayerContext, caches: tuple | None = None
@@ -35,10 +34,5 @@ class MTP(nnx.Module):
         """hidden, next_embeds [B, L, H] -> (normed hidden [B, L, H] for the LM head, router logits
         [n_moe, B*L, E] or None, updated per-layer KV caches or None)."""
         x = self.fc(jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1))
-        logits, new_caches = [], []
-        for i, layer in enumerate(self.layers):
-            x, lg, c = layer(x, ctx, None if caches is None else caches[i])
-            new_caches.append(c)
-            if lg is not None:
-                logits.append(lg)
-        return self.norm(x), (jnp.stack(logits) if logits else None), (None if caches is None else tuple(new_caches))
+        x, router_logits, caches = self.block(x, ctx, caches)
+        return self.norm(x), router_logits, caches
