@@ -1,12 +1,15 @@
 """qwax: Qwen3.5 / Qwen3-Next in JAX (Flax NNX), with Pallas kernels, sharding rules and HF checkpoint conversion.
 
-Public surface: `QwaxConfig`, `QwaxForCausalLM`, `load_hf`, `save_hf`, `generate`. Importing qwax never imports torch.
+Public surface: `QwaxConfig`, `QwaxForCausalLM`, `QwaxForConditionalGeneration` (multimodal), `load_hf`, `save_hf`,
+`generate`. Importing qwax never imports torch.
 """
 
 from qwax.config import PRESETS, QwaxConfig, get_preset
 from qwax.convert.hf import load_hf, save_hf
 from qwax.inference.generate import generate
 from qwax.model import ModelOutput, QwaxForCausalLM, forward
+from qwax.multimodal import MultimodalConfig, QwaxForConditionalGeneration
 
-__all__ = ["PRESETS", "QwaxConfig", "get_preset", "QwaxForCausalLM", "ModelOutput", "forward", "load_hf", "save_hf", "generate"]
+__all__ = ["PRESETS", "QwaxConfig", "get_preset", "QwaxForCausalLM", "ModelOutput", "forward", "load_hf", "save_hf", "generate",
+           "MultimodalConfig", "QwaxForConditionalGeneration"]
 __version__ = "0.1.0"

@@ -97,7 +97,7 @@ def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attentio
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
              stream: Callable[[np.ndarray], None] | None = None, prefill_chunk_size: int = 512,
-             speculative: str | None = None) -> np.ndarray:
+             speculative: str | None = None, **vision_inputs) -> np.ndarray:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     input_ids [B, L] int (left-padded when rows differ in length, with attention_mask [B, L] 1/0).
@@ -107,9 +107,25 @@ def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attentio
     stream(tokens [B]) is called with each new token column as soon as it is chosen.
     speculative="mtp": draft with the model's MTP head and verify with the main model (greedy only; the same
     tokens, fewer main-model forwards; see qwax.inference.speculative).
+    vision_inputs (a multimodal QwaxForConditionalGeneration only): pixel_values, image_grid_thw,
+    pixel_values_videos, video_grid_thw as for its forward; see qwax.multimodal.generate.
 
     Returns [B, L + n] int32, the prompts followed by the n <= max_new_tokens generated tokens.
     """
+    from qwax.multimodal.model import QwaxForConditionalGeneration
+
+    if isinstance(model, QwaxForConditionalGeneration):
+        if speculative is not None:
+            raise ValueError("speculative decoding is not supported for multimodal models")
+        from qwax.multimodal.generate import generate as generate_multimodal
+
+        return generate_multimodal(model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, seed=seed, stream=stream,
+                                   prefill_chunk_size=prefill_chunk_size, **vision_inputs)
+    if vision_inputs:
+        raise ValueError(f"{sorted(vision_inputs)} need a multimodal model (QwaxForConditionalGeneration); this is a "
+                         f"{type(model).__name__}")
     if speculative is not None:
         if speculative != "mtp":
             raise ValueError(f"speculative={speculative!r}: the only supported drafter is 'mtp'")

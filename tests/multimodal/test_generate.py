@@ -39,7 +39,7 @@ def test_greedy_generation_with_an_image_matches_transformers(checkpoint):
     mask = np.ones_like(ids)
     pv = pixels(grids, seed=7)
     ref = _hf_generate(hf, ids, mask, pv, grids, 16)
-    got = generate(ours, ids, max_new_tokens=16, pixel_values=pv, image_grid_thw=np.array(grids))
+    got = qwax.generate(ours, ids, max_new_tokens=16, pixel_values=pv, image_grid_thw=np.array(grids))
     assert got.shape == (1, ids.shape[1] + 16)
     np.testing.assert_array_equal(got, ref)
 
