@@ -1,0 +1,213 @@
+"""Chunked gated delta rule in plain JAX (ARCHITECTURE.md §4.5), shaped for XLA on the CPU.
+
+The sequence is cut into chunks of C tokens. Per (batch, value head, chunk), positions i, j in [0, C):
+
+  G_i      = g_0 + ... + g_i                   cumulative log decay inside the chunk
+  D_ij     = exp(G_i - G_j)  for j <= i in the same segment, else 0
+  M_ij     = beta_i (k_i . k_j) D_ij  for j < i, else 0
+  T        = (I + M)^-1                        unit lower triangular (the UT / WY transform)
+  U        = T (beta * V)                      "new values" if the chunk started from S = 0
+  W        = T (first * beta * exp(G) * K)     how the chunk's start state S changes them
+  V'       = U - W S                           the true u_t of the recurrence
+  O        = scale * [first * exp(G) * (Q S) + ((Q K^T) * D) V']
+  S_next   = first_{C-1} exp(G_{C-1}) S + K^T (last * exp(G_{C-1} - G) * V')
+
+first_i says position i is still in the segment that was running when the chunk started (S applies to it),
+last_j says position j is in the segment still running at the chunk's end (it survives into S_next). Without
+segment_ids both are all ones.
+
+How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delta_rule.py):
+- Only the [C, C]-sized quantities (D, M and T) are computed for all chunks at once, before the scan. T is
+  the one step that needs a sequential loop (over rows), so it is done once for every chunk and head together.
+- Everything of size [C, d] runs inside one `lax.scan` over chunks. XLA's CPU matmuls are much faster on the
+  few, moderately sized per-chunk products (batched over heads) than on one product batched over thousands of
+  tiny chunk matrices, and the per-chunk intermediates stay in cache instead of making several passes over
+  [L, d]-sized arrays in memory.
+- The chunk layout is token-major ([N, B, C, H, d]), a free reshape of the [B, L, H, d] input when B == 1.
+- Autodiff stores one [dk, dv] state per chunk (the scan carry) plus per-chunk intermediates of size
+  [C, d]: never one state per token as the per-token scan does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _row_substitution_inverse(m: jax.Array) -> jax.Array:
+    """(I + M)^-1 for strictly lower-triangular M [..., b, b], one row at a time, vectorised over the batch."""
+    b = m.shape[-1]
+    eye = jnp.eye(b, dtype=m.dtype)
+
+    def row(i, t):
+        # Row i of T satisfies T_i = e_i - M_i T, and M_i is zero from column i on, so rows < i suffice.
+        return t.at[..., i, :].set(eye[i] - jnp.einsum("...j,...jk->...k", m[..., i, :], t))
+
+    return jax.lax.fori_loop(0, b, row, jnp.zeros_like(m))
+
+
+@jax.custom_vjp
+def _unit_lower_inverse(m: jax.Array) -> jax.Array:
+    """(I + M)^-1 for strictly lower-triangular M [..., C, C], batched over the leading axes.
+
+    Blocked: invert the diagonal blocks of size b (<= 16 when C allows it) by row substitution, then merge
+    neighbouring blocks pairwise, [[A, 0], [X, B]]^-1 = [[A^-1, 0], [-B^-1 X A^-1, B^-1]], until C is reached.
+    Exact up to rounding. The sequential row loop is only b long, and the merges are small matmuls; batched
+    `solve_triangular` and the log-step product (I - M)(I + M^2)(I + M^4)... were several times slower on the
+    CPU.
+    """
+    c = m.shape[-1]
+    lead = m.shape[:-2]
+    b = c
+    while b % 2 == 0 and b // 2 >= 16:
+        b //= 2
+    n_blocks = c // b
+    blocks = m.reshape(*lead, n_blocks, b, n_blocks, b)
+    idx = jnp.arange(n_blocks)
+    t = _row_substitution_inverse(blocks[..., idx, :, idx, :])  # advanced indexing puts blocks first
+    t = jnp.moveaxis(t, 0, -3)  # [..., n_blocks, b, b]
+    size = b
+    while size < c:
+        pairs = c // (2 * size)
+        t = t.reshape(*lead, pairs, 2, size, size)
+        upper_inv, lower_inv = t[..., 0, :, :], t[..., 1, :, :]
+        tiles = m.reshape(*lead, pairs, 2, size, pairs, 2, size)
+        j = jnp.arange(pairs)
+        coupling = jnp.moveaxis(tiles[..., j, 1, :, j, 0, :], 0, -3)  # [..., pairs, size, size]
+        corner = -(lower_inv @ (coupling @ upper_inv))
+        zeros = jnp.zeros_like(upper_inv)
+        t = jnp.concatenate(
+            [jnp.concatenate([upper_inv, zeros], -1), jnp.concatenate([corner, lower_inv], -1)], axis=-2
+        )
+        size *= 2
+    return t.reshape(*lead, c, c)
+
+
+def _unit_lower_inverse_fwd(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    t = _unit_lower_inverse(m)
+    return t, t
+
+
+def _unit_lower_inverse_bwd(t: jax.Array, t_bar: jax.Array) -> tuple[jax.Array]:
+    # dT = -T dM T, so M_bar = -T^T T_bar T^T, restricted to the strictly lower part where M lives.
+    t_h = jnp.swapaxes(t, -1, -2)
+    return (jnp.tril(-(t_h @ t_bar @ t_h), -1),)
+
+
+_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
+def _segment_masks(
+    segment_ids: jax.Array, n: int, c: int, pad: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-chunk segment masks, each shaped to broadcast against [N, B, Hk, r, C(, C)].
+
+    Returns (same [N, B, 1, 1, C, C]: positions i, j in one segment; first [N, B, 1, 1, C]: position still in
+    the segment running at the chunk start; last [N, B, 1, 1, C]: position in the segment running at the end).
+    """
+    b = segment_ids.shape[0]
+    changed = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    # A running count of resets names segments even when an id value is reused later in the row.
+    seg = jnp.cumsum(jnp.pad(changed, [(0, 0), (1, 0)]), axis=1)
+    # Padding continues the last segment so the final state is carried through it untouched.
+    seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge").reshape(b, n, c)
+    # The segment running when a chunk starts is that of the previous token; for the first chunk it is
+    # segment 0, where initial_state applies.
+    seg_start = jnp.pad(seg[:, :-1, -1], [(0, 0), (1, 0)])
+    seg = jnp.swapaxes(seg, 0, 1)[:, :, None, None]  # [N, B, 1, 1, C]
+    seg_start = jnp.swapaxes(seg_start, 0, 1)[:, :, None, None, None]
+    same = seg[..., :, None] == seg[..., None, :]
+    first = (seg == seg_start).astype(jnp.float32)
+    last = (seg == seg[..., -1:]).astype(jnp.float32)
+    return same, first, last
+
+
+def gated_delta_rule_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked gated delta rule. Same contract as `gated_delta_rule` (shapes already validated there).
+
+    Args:
+      q, k: [B, L, Hk, dk]; v: [B, L, Hv, dv]; g, beta: [B, L, Hv].
+      initial_state: [B, Hv, dk, dv] or None. segment_ids: [B, L] or None.
+      chunk_size: tokens per chunk; L is padded up to a multiple of it (capped at L for short inputs).
+
+    Returns:
+      (o [B, L, Hv, dv] in v.dtype, final_state [B, Hv, dk, dv] float32).
+    """
+    out_dtype = v.dtype
+    b, length, hk, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    r = hv // hk
+    scale = dk**-0.5 if scale is None else scale
+    c = min(chunk_size, length)
+    n = -(-length // c)
+    pad = n * c - length
+
+    f32 = jnp.float32
+    q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
+    # Padding with k = v = beta = g = 0 leaves outputs and the final state unchanged (zero write, unit decay).
+    if pad:
+        q, k, v, g, beta = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g, beta))
+
+    # Token-major chunks [N, B, C, ...]; value heads split as [Hk, r] so key-head work is done once per key head.
+    def to_chunks(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x.reshape(b, n, c, *x.shape[2:]), 0, 1)
+
+    q, k = to_chunks(q), to_chunks(k)  # [N, B, C, Hk, dk]
+    v = to_chunks(v.reshape(b, n * c, hk, r, dv))  # [N, B, C, Hk, r, dv]
+    # Gates are small: put C last so they broadcast against [C, C] matrices.
+    g, beta = (jnp.moveaxis(to_chunks(x.reshape(b, n * c, hk, r)), 2, -1) for x in (g, beta))  # [N, B, Hk, r, C]
+
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    if segment_ids is None:
+        same, first, last = causal, 1.0, 1.0
+    else:
+        same, first, last = _segment_masks(segment_ids, n, c, pad)
+        same = same & causal
+
+    gcum = jnp.cumsum(g, axis=-1)
+    # Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and could overflow exp.
+    decay = jnp.exp(jnp.where(same, gcum[..., :, None] - gcum[..., None, :], -jnp.inf))  # [N, B, Hk, r, C, C]
+    kk = jnp.einsum("nbihd,nbjhd->nbhij", k, k)
+    m = jnp.where(jnp.tril(causal, -1), beta[..., :, None] * kk[:, :, :, None] * decay, 0.0)
+    t = _unit_lower_inverse(m)  # [N, B, Hk, r, C, C]
+
+    # Per-position scalings, all <= 1 in magnitude since G <= 0 (no overflow for strong decay).
+    decay_from_start = jnp.exp(gcum)
+    q_scale = scale * first * decay_from_start  # reads of the start state
+    w_scale = first * beta * decay_from_start  # writes that the start state corrects
+    to_end = last * jnp.exp(gcum[..., -1:] - gcum)  # how much of each write survives to the chunk end
+    chunk_decay = (first * decay_from_start)[..., -1]  # [N, B, Hk, r]; 0 if a segment starts in the chunk
+
+    def chunk_step(s, xs):
+        q_n, k_n, v_n, t_n, decay_n, beta_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
+        u = jnp.einsum("bhrij,bjhre->bhrie", t_n * beta_n[..., None, :], v_n)  # [B, Hk, r, C, dv]
+        w = jnp.einsum("bhrij,bjhd->bhrid", t_n * w_scale_n[..., None, :], k_n)  # [B, Hk, r, C, dk]
+        v_new = u - jnp.einsum("bhrcd,bhrde->bhrce", w, s)
+        attention = scale * jnp.einsum("bihd,bjhd->bhij", q_n, k_n)[:, :, None] * decay_n
+        o = q_scale_n[..., None] * jnp.einsum("bchd,bhrde->bhrce", q_n, s)
+        o = o + jnp.einsum("bhrij,bhrje->bhrie", attention, v_new)
+        s = chunk_decay_n[..., None, None] * s + jnp.einsum(
+            "bchd,bhrce->bhrde", k_n, to_end_n[..., None] * v_new
+        )
+        return s, jnp.moveaxis(o, 3, 1)  # [B, C, Hk, r, dv]
+
+    if initial_state is None:
+        s0 = jnp.zeros((b, hk, r, dk, dv), f32)
+    else:
+        s0 = initial_state.astype(f32).reshape(b, hk, r, dk, dv)
+    full = lambda x: jnp.broadcast_to(x, gcum.shape)  # masks may be scalars when there are no segments
+    xs = (q, k, v, t, decay, beta, q_scale, full(w_scale), full(to_end), jnp.broadcast_to(chunk_decay, gcum.shape[:-1]))
+    s_final, o = jax.lax.scan(chunk_step, s0, xs)
+    o = jnp.swapaxes(o, 0, 1).reshape(b, n * c, hv, dv)[:, :length]
+    return o.astype(out_dtype), s_final.reshape(b, hv, dk, dv)
