@@ -15,6 +15,7 @@ from qwax.config import QwaxConfig
 from qwax.layers.common import Linear, param
 from qwax.layers.mlp import MLP
 from qwax.pallas_kernels.moe import routed_experts
+from qwax.sharding import expert_parallel
 
 
 def route(router_logits: jax.Array, top_k: int, normalise: bool) -> tuple[jax.Array, jax.Array]:
@@ -64,7 +65,11 @@ class SparseMoE(nnx.Module):
         x = x.reshape(-1, shape[-1]).astype(self.dtype)
         logits = self.gate(x)
         idx, weights = route(logits, self.top_k, self.normalise)
-        routed = routed_experts(x, idx, weights, self.experts_gate_up[...].astype(self.dtype),
-                                self.experts_down[...].astype(self.dtype), impl=self.impl)
+        w_gate_up, w_down = self.experts_gate_up[...].astype(self.dtype), self.experts_down[...].astype(self.dtype)
+        mesh = expert_parallel.expert_mesh()  # experts sharded over a mesh axis: all_to_all dispatch
+        if mesh is not None:
+            routed = expert_parallel.routed_experts(x, idx, weights, w_gate_up, w_down, mesh=mesh, impl=self.impl)
+        else:
+            routed = routed_experts(x, idx, weights, w_gate_up, w_down, impl=self.impl)
         shared = jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape), logits

@@ -1,0 +1,111 @@
+"""Rule tables: logical names -> PartitionSpecs, and the sharded train step of every strategy on 8 devices."""
+
+import jax
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import qwax
+from qwax.sharding import STRATEGIES, abstract_mesh, follow_params, get_rules, param_shardings, partition_spec
+
+MESH = abstract_mesh("data=2,fsdp=2,expert=2,tensor=2")
+
+
+def test_every_parameter_name_of_every_model_has_a_rule_in_every_strategy():
+    for preset in ("tiny-moe", "tiny-dense", "tiny-next"):
+        cfg = qwax.get_preset(preset, mtp_num_hidden_layers=1)
+        _, params = nnx.eval_shape(lambda cfg=cfg: nnx.split(qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+        for strategy in STRATEGIES:
+            specs = param_shardings(params, get_rules(strategy), MESH)
+            assert len(jax.tree.leaves(specs)) == len(jax.tree.leaves(params))
+
+
+def test_scanned_parameters_get_an_unsharded_leading_layers_dim():
+    rules = get_rules("fsdp_ep_tp")
+    assert partition_spec(("experts", "embed", "expert_mlp"), (6, 8, 64, 64), rules, MESH) == \
+        P(None, "expert", "fsdp", "tensor")
+    assert partition_spec(("experts", "embed", "expert_mlp"), (8, 64, 64), rules, MESH) == P("expert", "fsdp", "tensor")
+
+
+def test_a_mesh_axis_shards_one_dim_only_and_only_when_it_divides():
+    rules = get_rules("fsdp_ep_tp")
+    # embed -> (fsdp, expert), but expert is taken by the experts dim first.
+    assert partition_spec(("embed", "mlp"), (64, 32), rules, MESH) == P(("fsdp", "expert"), "tensor")
+    # 3 heads do not split over tensor=2: replicated; 6 embed rows: fsdp=2 divides, fsdp x expert = 4 does not.
+    assert partition_spec(("embed", "kv_heads"), (6, 3), rules, MESH) == P("fsdp")
+
+
+def test_axes_of_size_one_are_dropped():
+    mesh = abstract_mesh("fsdp=8")
+    assert partition_spec(("embed", "mlp"), (64, 32), get_rules("fsdp_ep_tp"), mesh) == P("fsdp")
+
+
+def test_overrides_replace_entries_and_unknown_axes_are_rejected():
+    rules = get_rules("fsdp", "vocab=tensor,embed=fsdp+expert,norm=none")
+    assert rules["vocab"] == ("tensor",) and rules["embed"] == ("fsdp", "expert") and rules["norm"] == ()
+    assert get_rules("fsdp", {"vocab": None})["vocab"] == ()
+    with pytest.raises(ValueError, match="pipeline"):
+        get_rules("fsdp", "vocab=pipeline")
+    with pytest.raises(KeyError, match="fsdp_zero"):
+        get_rules("fsdp_zero")
+    with pytest.raises(KeyError, match="mystery"):
+        partition_spec(("mystery",), (4,), get_rules("fsdp"), MESH)
+
+
+def test_optimizer_state_follows_the_parameter_shardings():
+    cfg = qwax.get_preset("tiny-moe")
+    _, params = nnx.eval_shape(lambda: nnx.split(qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    shardings = param_shardings(params, get_rules("fsdp_ep"), MESH)
+    opt = jax.eval_shape(optax.adamw(1e-3).init, params)
+    opt_shardings = follow_params(opt, params, shardings, MESH)
+    adam = opt_shardings[0]
+    for moments in (adam.mu, adam.nu):
+        assert jax.tree.leaves(moments) == jax.tree.leaves(shardings)
+    assert adam.count.spec == P()
+
+
+# Per-device shard shapes the rules must give on the 8-device meshes of sharding_worker.STRATEGY_MESHES
+# for the test model (tiny-moe, 4 layers scanned as 2 groups of (GDN, attention)).
+G = "decoder/groups/layers"
+NAMES = ["embed_tokens", f"{G}/0/linear_attn/in_proj_qkv/kernel", f"{G}/0/linear_attn/in_proj_b/kernel",
+         f"{G}/1/self_attn/q_proj/kernel", f"{G}/1/self_attn/k_proj/kernel", f"{G}/1/self_attn/o_proj/kernel",
+         f"{G}/0/mlp/experts_gate_up", f"{G}/0/mlp/experts_down", f"{G}/0/mlp/gate/kernel", "lm_head/kernel",
+         "norm/weight"]
+GLOBAL = [(256, 64), (2, 64, 128), (2, 64, 4), (2, 64, 128), (2, 64, 32), (2, 64, 64), (2, 8, 64, 64),
+          (2, 8, 32, 64), (2, 64, 8), (64, 256), (64,)]
+EXPECTED = {
+    # data=2,fsdp=4: embed over fsdp.
+    "fsdp": [(256, 16), (2, 16, 128), (2, 16, 4), (2, 16, 128), (2, 16, 32), (2, 64, 16), (2, 8, 16, 64),
+             (2, 8, 32, 16), (2, 16, 8), (16, 256), (64,)],
+    # fsdp=4,tensor=2: + vocab, heads, widths over tensor.
+    "fsdp_tp": [(128, 16), (2, 16, 64), (2, 16, 2), (2, 16, 64), (2, 16, 16), (2, 32, 16), (2, 8, 16, 32),
+                (2, 8, 16, 16), (2, 16, 8), (16, 128), (64,)],
+    # fsdp=2,expert=4: experts over expert; dense weights' embed over fsdp x expert.
+    "fsdp_ep": [(256, 8), (2, 8, 128), (2, 8, 4), (2, 8, 128), (2, 8, 32), (2, 64, 8), (2, 2, 32, 64),
+                (2, 2, 32, 32), (2, 8, 8), (8, 256), (64,)],
+    # fsdp=2,expert=2,tensor=2: both.
+    "fsdp_ep_tp": [(128, 16), (2, 16, 64), (2, 16, 2), (2, 16, 64), (2, 16, 16), (2, 32, 16), (2, 4, 32, 32),
+                   (2, 4, 16, 32), (2, 16, 8), (16, 128), (64,)],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", sorted(EXPECTED))
+def test_sharded_train_step_equals_single_device_step(eight_devices, strategy):
+    result = eight_devices[strategy]
+    assert abs(result["loss"] - eight_devices["ref_loss"]) <= 1e-5
+    assert result["grad_max_abs_err"] <= 1e-5, (result["grad_max_abs_err"], eight_devices["ref_grad_max_abs"])
+    assert result["param_max_abs_err"] == 0.0  # sharded initialisation gives the single-device values
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", sorted(EXPECTED))
+def test_per_device_shard_shapes_are_those_of_the_rules(eight_devices, strategy):
+    shards = eight_devices[strategy]["shards"]
+    for name, global_shape, local_shape in zip(NAMES, GLOBAL, EXPECTED[strategy]):
+        assert tuple(shards[name]["global"]) == global_shape, name
+        assert [tuple(s) for s in shards[name]["device"]] == [local_shape], (name, shards[name]["spec"])
+    # Gradients come back with the parameters' shardings.
+    for name, spec in eight_devices[strategy]["grad_specs"].items():
+        assert spec == shards[name]["spec"], name
