@@ -108,6 +108,7 @@ def sample_text(model: QwaxForCausalLM, tok, prompt: str, max_new_tokens: int, s
 def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | None = None, progress: bool = True,
           export: bool = True, sample: bool = True, verbose: bool = True) -> TrainResult:
     """Run (or continue) the recipe in `workdir` up to `steps` (default recipe.steps) optimizer steps."""
+    run_start = time.perf_counter()
     if steps is not None:
         recipe = dataclasses.replace(recipe, steps=steps)
     workdir = os.path.abspath(workdir)
@@ -189,8 +190,19 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
     window_start, window_steps = time.perf_counter(), 0
     tokens_per_sec = mfu = 0.0
     step = start
+    budget = recipe.time_budget_minutes * 60.0
+    stopped_early = False
+    step_seconds = 0.0
     try:
         for step in range(start + 1, recipe.steps + 1):
+            # Keep ~15% of the budget for the final evaluation, export and sample.
+            if budget and step > start + 1 and time.perf_counter() - run_start + step_seconds > 0.85 * budget:
+                step -= 1
+                stopped_early = True
+                logger.message(f"stopping at step {step} of {recipe.steps}: the time budget of "
+                               f"{recipe.time_budget_minutes} min would be exceeded")
+                break
+            step_started = time.perf_counter()
             batch = next(batches)
             rng = jax.random.fold_in(jax.random.key(recipe.seed), step)
             params, opt_state, metrics = train_step(params, opt_state, batch, rng)
@@ -200,6 +212,7 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
                                     f"{float(metrics['ce'])}, grad norm {float(metrics['grad_norm'])}); the last "
                                     f"complete checkpoint is step {ckpt.latest_step()}")
             ce = float(metrics["ce"])
+            step_seconds = time.perf_counter() - step_started
             recent = (recent + [ce])[-10:]
             window_steps += 1
             now = time.perf_counter()
@@ -246,6 +259,8 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
         if sample:
             text = sample_text(model, tok, recipe.sample_prompt, recipe.sample_tokens, recipe.seed)
 
+    if stopped_early:
+        say(f"training stopped early at step {step} of {recipe.steps} (time budget {recipe.time_budget_minutes} min)")
     say(f"\nfinal training loss (mean of the last {len(recent)} steps): {final_loss:.4f} nats/token")
     say(f"unigram entropy of the corpus:                 {entropy:.4f} nats/token"
         f" -> the model is {'below' if final_loss < entropy else 'NOT below'} it")

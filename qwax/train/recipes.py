@@ -55,6 +55,9 @@ class Recipe:
     eval_every: int = 100
     eval_batches: int = 4
     seed: int = 0
+    # Wall-clock budget of the whole run in minutes (0: none). When the next step would overrun it, training stops
+    # early with a final checkpoint (and says so); the main job uses it to finish in time on a busy machine.
+    time_budget_minutes: float = 0.0
     peak_flops: float = 0.0  # per device, FLOP/s; 0 measures an f32 matmul at startup (cached)
     sample_prompt: str = "def "
     sample_tokens: int = 48
@@ -87,8 +90,8 @@ RECIPES: dict[str, Recipe] = {
                          "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                          "shared_expert_intermediate_size": 128, "mrope_section": (2, 2, 0),
                          "max_position_embeddings": 4096},
-        vocab_size=2048, seq_len=256, batch_size=8, steps=300, learning_rate=3e-3, warmup_steps=30,
-        checkpoint_every=100, eval_every=100, log_every=10),
+        vocab_size=2048, seq_len=256, batch_size=8, steps=200, learning_rate=3e-3, warmup_steps=20,
+        checkpoint_every=50, eval_every=100, log_every=10, time_budget_minutes=7.5),
     # Continued pretraining / SFT of Qwen3.5-0.8B on one accelerator host (e.g. TPU v5e-8 or 8 GPUs): point
     # init_from at the converted checkpoint and data at jsonl/parquet files; the checkpoint's tokenizer is used.
     "qwen3.5-0.8b": Recipe(

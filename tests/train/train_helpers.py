@@ -15,7 +15,7 @@ TEST_OVERRIDES = [
     "model.linear_value_head_dim=16", "model.num_experts=4", "model.num_experts_per_tok=2",
     "model.moe_intermediate_size=32", "model.shared_expert_intermediate_size=32", "model.mrope_section=1,1,0",
     "vocab_size=256", "seq_len=64", "batch_size=2", "eval_batches=1", "eval_every=0", "sample_tokens=4",
-    "warmup_steps=2", "learning_rate=1e-2", "log_every=1",
+    "warmup_steps=2", "learning_rate=1e-2", "log_every=1", "time_budget_minutes=0",
 ]
 
 

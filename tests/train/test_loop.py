@@ -1,0 +1,121 @@
+"""The training loop end to end, in subprocesses like a user's `qwax train`: exact resume after SIGKILL,
+NaN stop, workdir protection, HF export that transformers loads with the same greedy continuation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import logged_losses, run_train, subprocess_env, train_command  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _complete_checkpoints(workdir: str) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reaches_step_n_with_the_bitwise_same_loss(tmp_path, compile_cache):
+    n = 60
+    args = ["--steps", str(n), "checkpoint_every=5", "keep_checkpoints=20"]
+    straight = str(tmp_path / "straight")
+    done = run_train(straight, compile_cache, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = logged_losses(straight)
+    assert sorted(expected) == list(range(1, n + 1))
+
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen(train_command(killed, *args), env=subprocess_env(compile_cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not _complete_checkpoints(killed) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    first = _complete_checkpoints(killed)
+    assert first and first[-1] < n, f"the run should have been killed after its first checkpoint: {first}"
+
+    resumed = run_train(killed, compile_cache, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {first[-1]}" in resumed.stdout
+    got = logged_losses(killed)
+    for step in range(first[-1] + 1, n + 1):
+        assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise: the same float
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_training_with_a_message_naming_the_step(tmp_path, compile_cache):
+    out = run_train(str(tmp_path / "nan"), compile_cache, "--steps", "20", "learning_rate=1e30", "warmup_steps=0")
+    assert out.returncode == 1
+    assert "training stopped: the loss is" in out.stderr and " at step " in out.stderr, out.stderr[-2000:]
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    from qwax.train.loop import TrainingError, prepare_workdir
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "40").mkdir(parents=True)
+    with pytest.raises(TrainingError, match="step 40.*--resume"):
+        prepare_workdir(str(workdir), resume=False)
+    assert prepare_workdir(str(workdir), resume=True) == 40
+    assert prepare_workdir(str(tmp_path / "fresh"), resume=False) is None
+
+
+def test_cli_takes_recipe_options_and_overrides_in_any_order():
+    from qwax.cli import build_parser
+    from qwax.train.recipes import get_recipe
+    args = build_parser().parse_args(["train", "tiny", "--steps", "7", "seed=3", "--workdir", "w",
+                                      "model.hidden_size=64", "data=a.txt,b.jsonl"])
+    assert args.items == ["tiny", "seed=3", "model.hidden_size=64", "data=a.txt,b.jsonl"]
+    assert args.steps == 7 and args.workdir == "w"
+    recipe = get_recipe("tiny", args.items[1:])
+    assert recipe.seed == 3 and recipe.data == ("a.txt", "b.jsonl")
+    assert recipe.model_config(100).hidden_size == 64 and recipe.model_config(100).vocab_size == 100
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        get_recipe("tiny", ["nope=1"])
+    with pytest.raises(ValueError, match="QwaxConfig has no field"):
+        get_recipe("tiny", ["model.nope=1"])
+
+
+def test_named_recipes_build_valid_model_configs():
+    from qwax.train.recipes import RECIPES
+    for name, recipe in RECIPES.items():
+        if not recipe.init_from:
+            cfg = recipe.model_config()
+            assert cfg.vocab_size > 0, name
+    big = RECIPES["qwen3.5-397b-a17b"].model_config()
+    assert big.num_experts == 512 and RECIPES["qwen3.5-397b-a17b"].mesh == "data=1,fsdp=64,expert=8,tensor=1"
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_export_and_continues_a_prompt_greedily_like_qwax(tmp_path, compile_cache):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    workdir = str(tmp_path / "export")
+    out = run_train(workdir, compile_cache, "--steps", "6")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sample (" in out.stdout and "unigram entropy" in out.stdout
+    hf_dir = os.path.join(workdir, "hf")
+
+    import qwax
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    prompt = np.asarray([tok("def read(path):\n    ")["input_ids"]], np.int64)
+    ours = np.asarray(qwax.generate(qwax.load_hf(hf_dir), prompt.astype(np.int32), max_new_tokens=8))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref.generate(torch.from_numpy(prompt), max_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=tok.pad_token_id).numpy()
+    n = min(ours.shape[1], theirs.shape[1])
+    np.testing.assert_array_equal(ours[:, :n], theirs[:, :n])
+    assert n > prompt.shape[1]
