@@ -22,11 +22,12 @@ from qwax.sharding.rules import (
     param_specs,
     partition_spec,
     shard_shapes,
+    tree_shardings,
     use_sharding,
 )
 
 __all__ = [
     "BATCH_AXES", "MESH_AXES", "STRATEGIES", "abstract_mesh", "active_sharding", "constrain", "follow_params",
     "get_rules", "init_sharded", "logical_sharding", "make_mesh", "param_shardings", "param_specs",
-    "parse_mesh_spec", "partition_spec", "shard_shapes", "use_sharding",
+    "parse_mesh_spec", "partition_spec", "shard_shapes", "tree_shardings", "use_sharding",
 ]

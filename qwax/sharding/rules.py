@@ -280,3 +280,15 @@ def init_sharded(cfg: Any, mesh: Mesh, rules: Rules | str = "fsdp", seed: int = 
     shardings = param_shardings(abstract, rules, mesh)
     params = jax.jit(lambda: build()[1], out_shardings=shardings)()
     return graphdef, params, shardings
+
+
+def _is_axes(x: Any) -> bool:
+    return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
+
+
+def tree_shardings(tree: Any, logical_axes: Any, rules: Rules | str, mesh: Mesh | AbstractMesh) -> Any:
+    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) from a same-structure tree of logical-axis
+    tuples, e.g. the inference cache with `qwax.inference.cache.cache_logical_axes(cache)`."""
+    rules = get_rules(rules) if isinstance(rules, str) else rules
+    return jax.tree.map(lambda axes, x: logical_sharding(axes, tuple(x.shape), rules, mesh), logical_axes, tree,
+                        is_leaf=_is_axes)

@@ -114,3 +114,24 @@ def test_per_device_shard_shapes_are_those_of_the_rules(eight_devices, strategy)
     # Gradients come back with the parameters' shardings.
     for name, spec in eight_devices[strategy]["grad_specs"].items():
         assert spec == shards[name]["spec"], name
+
+
+def test_inference_cache_is_sharded_over_batch_and_heads():
+    from qwax.inference.cache import cache_logical_axes, init_cache
+    from qwax.sharding import tree_shardings
+
+    cfg = qwax.get_preset("tiny-moe", num_hidden_layers=8)
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch=4, max_len=32))
+    mesh = abstract_mesh("data=2,fsdp=2,tensor=2")
+    shardings = tree_shardings(cache, cache_logical_axes(cache), "fsdp_tp", mesh)
+    for layer, layer_shardings in zip(cache.layers, shardings.layers):
+        # KV [.., B, len, Nkv, D], GDN conv [.., B, K, conv_dim], recurrent [.., B, Hv, dk, dv].
+        batch_dims = (4, 4) if hasattr(layer, "k") else (3, 4)
+        for array, sharding, from_end in zip(layer, layer_shardings, batch_dims):
+            local = sharding.shard_shape(array.shape)
+            assert local[array.ndim - from_end] == array.shape[array.ndim - from_end] // 4  # batch: data x fsdp
+    (kv_array, kv), = [(c.k, s.k) for c, s in zip(cache.layers, shardings.layers) if hasattr(c, "k")][:1]
+    (rec_array, rec), = [(c.recurrent, s.recurrent) for c, s in zip(cache.layers, shardings.layers)
+                         if hasattr(c, "recurrent")][:1]
+    assert kv.shard_shape(kv_array.shape)[-2] == kv_array.shape[-2] // 2  # KV heads over tensor
+    assert rec.shard_shape(rec_array.shape)[-3] == rec_array.shape[-3] // 2  # GDN heads over tensor
