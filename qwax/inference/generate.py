@@ -7,6 +7,7 @@ size), and both steps are jitted once per shape bucket (batch, chunk, cache leng
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Sequence
 
@@ -17,6 +18,7 @@ from flax import nnx
 
 from qwax.inference.cache import CACHE_BUCKET, Cache, init_cache
 from qwax.inference.sampling import sample
+from qwax.config import QwaxConfig
 from qwax.model import QwaxForCausalLM, check_token_ids
 
 
@@ -56,10 +58,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input_ids: 
     return logits, cache
 
 
-def check_request(model: QwaxForCausalLM, input_ids, attention_mask, max_new_tokens: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a generation request; returns (ids [B, L] int32, mask [B, L] int32)."""
-    cfg = model.config
+def check_request(cfg: QwaxConfig, input_ids, attention_mask, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a generation request for a text model of config `cfg`; returns (ids [B, L], mask [B, L]) int32."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}")
@@ -78,9 +78,8 @@ def check_request(model: QwaxForCausalLM, input_ids, attention_mask, max_new_tok
     return ids.astype(np.int32), mask
 
 
-def stop_tokens(model: QwaxForCausalLM, eos_token_id, pad_token_id) -> tuple[np.ndarray, int]:
+def stop_tokens(cfg: QwaxConfig, eos_token_id, pad_token_id) -> tuple[np.ndarray, int]:
     """(eos ids [n], pad id): the arguments, else the config's; pad falls back to the first eos id, else 0."""
-    cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos = np.atleast_1d(np.asarray([] if eos is None else eos, np.int32))
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
@@ -97,7 +96,7 @@ def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attentio
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
              stream: Callable[[np.ndarray], None] | None = None, prefill_chunk_size: int = 512,
-             speculative: str | None = None, **vision_inputs) -> np.ndarray:
+             speculative: str | None = None, mesh=None, rules="fsdp", **vision_inputs) -> np.ndarray:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
     input_ids [B, L] int (left-padded when rows differ in length, with attention_mask [B, L] 1/0).
@@ -107,6 +106,8 @@ def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attentio
     stream(tokens [B]) is called with each new token column as soon as it is chosen.
     speculative="mtp": draft with the model's MTP head and verify with the main model (greedy only; the same
     tokens, fewer main-model forwards; see qwax.inference.speculative).
+    mesh, rules: run on a device mesh (jax.sharding.Mesh, e.g. qwax.sharding.mesh.make_mesh("data=2,tensor=4"))
+    with parameters and cache laid out by a qwax.sharding strategy name or rule table.
     vision_inputs (a multimodal QwaxForConditionalGeneration only): pixel_values, image_grid_thw,
     pixel_values_videos, video_grid_thw as for its forward; see qwax.multimodal.generate.
 
@@ -137,18 +138,50 @@ def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attentio
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, stream=stream,
                             prefill_chunk_size=prefill_chunk_size)
     cfg = model.config
-    ids, mask = check_request(model, input_ids, attention_mask, max_new_tokens)
+    ids, mask = check_request(cfg, input_ids, attention_mask, max_new_tokens)
     b, l = ids.shape
-    eos, pad = stop_tokens(model, eos_token_id, pad_token_id)
+    eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
 
     graphdef, params = nnx.split(model)
     chunk = min(prefill_chunk_size, -(-l // 16) * 16)
     cache = init_cache(cfg, b, cache_length(l, chunk, max_new_tokens))
-    logits, cache = prefill(graphdef, params, cache, ids, mask, chunk)
+    with _on_mesh(mesh, rules) as place:
+        params, cache = place(params, cache)
+        logits, cache = prefill(graphdef, params, cache, ids, mask, chunk)
+        new = sample_loop(lambda tokens, cache: decode_step(graphdef, params, cache, jnp.asarray(tokens)),
+                          logits, cache, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos=eos, pad=pad, seed=seed, stream=stream)
+    return np.concatenate([ids, new], axis=1)
 
+
+@contextlib.contextmanager
+def _on_mesh(mesh, rules):
+    """Yields place(params, cache) -> both laid out on `mesh` by the sharding `rules` (identity without a mesh),
+    with the mesh active while the steps are traced."""
+    if mesh is None:
+        yield lambda params, cache: (params, cache)
+        return
+    from qwax.inference.cache import cache_logical_axes
+    from qwax.sharding.rules import get_rules, param_shardings, tree_shardings, use_sharding
+
+    rules = get_rules(rules) if isinstance(rules, str) else rules
+
+    def place(params, cache):
+        return (jax.device_put(params, param_shardings(params, rules, mesh)),
+                jax.device_put(cache, tree_shardings(cache, cache_logical_axes(cache), rules, mesh)))
+
+    with use_sharding(mesh, rules):
+        yield place
+
+
+def sample_loop(decode: Callable[[np.ndarray, Cache], tuple[jax.Array, Cache]], logits: jax.Array, cache: Cache, *,
+                max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, eos: np.ndarray,
+                pad: int, seed: int, stream: Callable[[np.ndarray], None] | None) -> np.ndarray:
+    """Choose a token from `logits`, then `decode(tokens, cache) -> (logits, cache)`, until every row has hit
+    an eos id or max_new_tokens are out. Finished rows get `pad`. Returns the new tokens [B, n]."""
     key = jax.random.key(seed)
-    out = [ids.astype(np.int32)]
-    done = np.zeros((b,), bool)
+    out = []
+    done = np.zeros((logits.shape[0],), bool)
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
         tokens = np.asarray(_sample(logits, sub, temperature=float(temperature), top_k=top_k, top_p=top_p))
@@ -159,5 +192,5 @@ def generate(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, attentio
         done |= np.isin(tokens, eos)
         if done.all() or step == max_new_tokens - 1:
             break
-        logits, cache = decode_step(graphdef, params, cache, jnp.asarray(tokens))
-    return np.concatenate(out, axis=1)
+        logits, cache = decode(tokens, cache)
+    return np.concatenate(out, axis=1) if out else np.zeros((logits.shape[0], 0), np.int32)

@@ -95,9 +95,9 @@ def generate_mtp(model: QwaxForCausalLM, input_ids, *, max_new_tokens: int, atte
     cfg = model.config
     if not cfg.mtp_num_hidden_layers:
         raise ValueError("speculative='mtp' needs a model with an MTP head (config.mtp_num_hidden_layers > 0)")
-    ids, mask = check_request(model, input_ids, attention_mask, max_new_tokens)
+    ids, mask = check_request(cfg, input_ids, attention_mask, max_new_tokens)
     b, l = ids.shape
-    eos, pad = stop_tokens(model, eos_token_id, pad_token_id)
+    eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
 
     graphdef, params = nnx.split(model)
     chunk = min(prefill_chunk_size, -(-l // 16) * 16)

@@ -17,11 +17,8 @@ import numpy as np
 from flax import nnx
 
 from qwax.inference.cache import Cache, init_cache
-from qwax.inference.sampling import sample
+from qwax.inference.generate import cache_length, check_request, sample_loop, stop_tokens
 from qwax.multimodal.model import QwaxForConditionalGeneration
-
-_CACHE_BUCKET = 256
-
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def prefill_embeds_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, embeds: jax.Array,
@@ -41,11 +38,6 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens:
     return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _sample(logits, key, *, temperature, top_k, top_p):
-    return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
-
-
 def generate(model: QwaxForConditionalGeneration, input_ids: Any, *, max_new_tokens: int, attention_mask: Any = None,
              pixel_values: Any = None, image_grid_thw: Any = None, pixel_values_videos: Any = None,
              video_grid_thw: Any = None, temperature: float = 0.0, top_k: int | None = None,
@@ -59,22 +51,9 @@ def generate(model: QwaxForConditionalGeneration, input_ids: Any, *, max_new_tok
     arguments are those of qwax.generate. Returns [B, L + n] int32: the prompts, then n <= max_new_tokens tokens.
     """
     cfg = model.config.text
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}")
+    ids, mask = check_request(cfg, input_ids, attention_mask, max_new_tokens)
     b, l = ids.shape
-    mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if l == 0 or not mask[:, -1].all():
-        raise ValueError("every prompt needs at least one token, with padding on the left (attention_mask[:, -1] "
-                         "must be 1)")
-    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    eos = np.atleast_1d(np.asarray([] if eos is None else eos, np.int32))
-    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
-    pad = int(pad if pad is not None else (eos[0] if eos.size else 0))
+    eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
 
     embeds = model.embed(ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
     positions, delta = model.rope_index(ids, mask, image_grid_thw, video_grid_thw)
@@ -85,7 +64,7 @@ def generate(model: QwaxForConditionalGeneration, input_ids: Any, *, max_new_tok
     graphdef, params = nnx.split(model.language_model)
     chunk = min(prefill_chunk_size, -(-l // 16) * 16)
     padded = -(-l // chunk) * chunk
-    cache = init_cache(cfg, b, -(-(padded + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET)
+    cache = init_cache(cfg, b, cache_length(l, chunk, max_new_tokens))
     # Left-pad the prompt to whole chunks: padding slots are invalid in the cache and never seen again.
     x = jnp.zeros((b, padded, embeds.shape[-1]), embeds.dtype).at[:, padded - l:].set(embeds)
     m = np.zeros((b, padded), np.int32)
@@ -98,19 +77,8 @@ def generate(model: QwaxForConditionalGeneration, input_ids: Any, *, max_new_tok
         logits, cache = prefill_embeds_chunk(graphdef, params, cache, x[:, sl], jnp.asarray(m[:, sl]),
                                              jnp.asarray(p[:, :, sl]))
 
-    key = jax.random.key(seed)
     delta = jnp.asarray(delta, jnp.int32)
-    out = [ids.astype(np.int32)]
-    done = np.zeros((b,), bool)
-    for step in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        tokens = np.asarray(_sample(logits, sub, temperature=float(temperature), top_k=top_k, top_p=top_p))
-        tokens = np.where(done, pad, tokens).astype(np.int32)
-        out.append(tokens[:, None])
-        if stream is not None:
-            stream(tokens)
-        done |= np.isin(tokens, eos)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        logits, cache = decode_step(graphdef, params, cache, jnp.asarray(tokens), delta)
-    return np.concatenate(out, axis=1)
+    new = sample_loop(lambda tokens, cache: decode_step(graphdef, params, cache, jnp.asarray(tokens), delta),
+                      logits, cache, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos=eos, pad=pad, seed=seed, stream=stream)
+    return np.concatenate([ids.astype(np.int32), new], axis=1)
