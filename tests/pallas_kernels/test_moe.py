@@ -261,6 +261,9 @@ def test_bad_impl_names_allowed_values(gmm_operands):
             call()
     with pytest.raises(ValueError, match="backend"):
         moe.grouped_matmul(lhs, rhs, gs, impl="pallas", backend="cpu", interpret=True)
+    if jax.default_backend() == "cpu":  # Pallas cannot compile for the CPU: ask for interpret mode
+        with pytest.raises(ValueError, match="interpret"):
+            moe.routed_experts(x, idx, w, wgu, wd, impl="pallas")
 
 
 def test_bad_shapes_name_the_argument(gmm_operands):

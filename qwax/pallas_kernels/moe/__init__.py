@@ -25,10 +25,10 @@ import jax
 
 from qwax.pallas_kernels.moe import reference as _reference
 from qwax.pallas_kernels.moe import xla as _xla
-from qwax.pallas_kernels.moe.common import IMPLS, check_routed_args, resolve_backend, resolve_impl
+from qwax.pallas_kernels.moe.common import IMPLS, check_routed_args
 from qwax.pallas_kernels.moe.grouped_matmul import (
-    KernelConfig,
     grouped_matmul,
+    make_config,
     routed_experts_grouped,
     tgmm,
 )
@@ -68,12 +68,10 @@ def routed_experts(
       Differentiable w.r.t. x, expert_weights, w_gate_up and w_down.
     """
     check_routed_args(x, expert_idx, expert_weights, w_gate_up, w_down)
-    impl = resolve_impl(impl)
-    if impl == "reference":
+    cfg = make_config(impl, interpret, backend, tiling)
+    if cfg.impl == "reference":
         return _reference.routed_experts(x, expert_idx, expert_weights, w_gate_up, w_down)
-    if impl == "xla":
-        if jax.default_backend() == "cpu":
-            return _xla.routed_experts_cpu(x, expert_idx, expert_weights, w_gate_up, w_down)
-        return routed_experts_grouped(x, expert_idx, expert_weights, w_gate_up, w_down, KernelConfig("xla"))
-    cfg = KernelConfig("pallas", resolve_backend(backend), None if tiling is None else tuple(tiling), interpret)
+    if cfg.impl == "xla" and jax.default_backend() == "cpu":
+        return _xla.routed_experts_cpu(x, expert_idx, expert_weights, w_gate_up, w_down)
+    # Pallas kernels, or ragged_dot for "xla" on TPU/GPU.
     return routed_experts_grouped(x, expert_idx, expert_weights, w_gate_up, w_down, cfg)

@@ -53,6 +53,15 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
+def check_pallas_runnable(interpret: object) -> None:
+    """Pallas only compiles for TPU/GPU; on the CPU it must run in interpret mode. Fail early and clearly."""
+    if jax.default_backend() not in ("tpu", "gpu") and not interpret:
+        raise ValueError(
+            f"impl='pallas' on backend {jax.default_backend()!r} needs interpret=True (GPU kernels) or "
+            "interpret=pltpu.InterpretParams() (TPU kernels); use impl='xla' for the fast CPU path"
+        )
+
+
 def _is_int(a: jax.Array) -> bool:
     return jnp.issubdtype(a.dtype, jnp.integer)
 

@@ -24,6 +24,7 @@ from qwax.pallas_kernels.moe import tpu as tpu_lib
 from qwax.pallas_kernels.moe import xla as xla_lib
 from qwax.pallas_kernels.moe.common import (
     check_gmm_args,
+    check_pallas_runnable,
     check_tgmm_args,
     resolve_backend,
     resolve_impl,
@@ -122,9 +123,11 @@ def _tgmm_bwd(cfg, res, dw):
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
 
 
-def _config(impl: str, interpret: Any, backend: str | None, tiling) -> KernelConfig:
+def make_config(impl: str, interpret: Any = False, backend: str | None = None, tiling=None) -> KernelConfig:
+    """Validate the kernel-selection arguments and bundle them into a static :class:`KernelConfig`."""
     impl = resolve_impl(impl)
     if impl == "pallas":
+        check_pallas_runnable(interpret)
         return KernelConfig("pallas", resolve_backend(backend), None if tiling is None else tuple(tiling), interpret)
     return KernelConfig(impl)
 
@@ -153,7 +156,7 @@ def grouped_matmul(
       [M, N] in ``lhs.dtype``; rows past ``sum(group_sizes)`` are zero. Differentiable in lhs and rhs.
     """
     check_gmm_args(lhs, rhs, group_sizes)
-    cfg = _config(impl, interpret, backend, tiling)
+    cfg = make_config(impl, interpret, backend, tiling)
     if cfg.impl == "reference":
         return reference_lib.grouped_matmul(lhs, rhs, group_sizes)
     return _gmm(cfg, lhs, rhs, group_sizes.astype(jnp.int32))
@@ -179,7 +182,7 @@ def tgmm(
       [G, K, N] in ``lhs.dtype``: ``out[g] = lhs_g^T @ grad_g``; empty groups are zero.
     """
     check_tgmm_args(lhs, grad, group_sizes)
-    cfg = _config(impl, interpret, backend, tiling)
+    cfg = make_config(impl, interpret, backend, tiling)
     if cfg.impl == "reference":
         return reference_lib.tgmm(lhs, grad, group_sizes)
     return _tgmm(cfg, lhs, grad, group_sizes.astype(jnp.int32))

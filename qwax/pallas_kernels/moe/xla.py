@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 
 from qwax.pallas_kernels.moe import routing as routing_lib
-from qwax.pallas_kernels.moe.common import cdiv
 
 _F32 = jnp.float32
 
