@@ -189,7 +189,7 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
     recent: list[float] = []
     window_start, window_steps = time.perf_counter(), 0
     tokens_per_sec = mfu = 0.0
-    step = start
+    step = last_saved = start
     budget = recipe.time_budget_minutes * 60.0
     stopped_early = False
     step_seconds = 0.0
@@ -233,10 +233,10 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
                 if result:
                     logger.write(step, {"eval_loss": result[0], "eval_perplexity": result[1]})
                     logger.message(f"step {step}: eval loss {result[0]:.4f}, perplexity {result[1]:.2f}")
-            ckpt.save(step, params, opt_state, batches, meta={"recipe": recipe.name})
-        if step > start or latest is None:
-            ckpt.save(step, params, opt_state, batches, meta={"recipe": recipe.name},
-                      force=ckpt.latest_step() != step)
+            if ckpt.save(step, params, opt_state, batches, meta={"recipe": recipe.name}):
+                last_saved = step
+        if last_saved != step:
+            ckpt.save(step, params, opt_state, batches, meta={"recipe": recipe.name}, force=True)
         ckpt.wait()
     finally:
         logger.close()
