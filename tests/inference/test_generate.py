@@ -67,9 +67,10 @@ def test_prefill_in_two_chunks_gives_the_same_cache(moe_model):
     graphdef, params = nnx.split(moe_model)
     one_logits, one = prefill(graphdef, params, init_cache(cfg, 2, 256), ids, mask, 96)
     two_logits, two = prefill(graphdef, params, init_cache(cfg, 2, 256), ids, mask, 48)
-    np.testing.assert_allclose(np.asarray(one_logits), np.asarray(two_logits), atol=1e-5)
+    # fp32 reassociation only (the delta rule's chunk boundaries move); a lost or doubled token is O(1).
+    np.testing.assert_allclose(np.asarray(one_logits), np.asarray(two_logits), atol=1e-4)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
 def test_left_padding_never_enters_the_gdn_state(moe_model):
