@@ -30,6 +30,8 @@ How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delt
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -57,30 +59,25 @@ def _unit_lower_inverse(m: jax.Array) -> jax.Array:
     CPU.
     """
     c = m.shape[-1]
-    lead = m.shape[:-2]
     b = c
     while b % 2 == 0 and b // 2 >= 16:
         b //= 2
-    n_blocks = c // b
-    blocks = m.reshape(*lead, n_blocks, b, n_blocks, b)
-    idx = jnp.arange(n_blocks)
-    t = _row_substitution_inverse(blocks[..., idx, :, idx, :])  # advanced indexing puts blocks first
-    t = jnp.moveaxis(t, 0, -3)  # [..., n_blocks, b, b]
+    inverses = list(_row_substitution_inverse(jnp.stack([m[..., i : i + b, i : i + b] for i in range(0, c, b)])))
     size = b
     while size < c:
-        pairs = c // (2 * size)
-        t = t.reshape(*lead, pairs, 2, size, size)
-        upper_inv, lower_inv = t[..., 0, :, :], t[..., 1, :, :]
-        tiles = m.reshape(*lead, pairs, 2, size, pairs, 2, size)
-        j = jnp.arange(pairs)
-        coupling = jnp.moveaxis(tiles[..., j, 1, :, j, 0, :], 0, -3)  # [..., pairs, size, size]
-        corner = -(lower_inv @ (coupling @ upper_inv))
-        zeros = jnp.zeros_like(upper_inv)
-        t = jnp.concatenate(
-            [jnp.concatenate([upper_inv, zeros], -1), jnp.concatenate([corner, lower_inv], -1)], axis=-2
-        )
+        merged = []
+        for upper_inv, lower_inv, p in zip(inverses[::2], inverses[1::2], range(0, c, 2 * size)):
+            coupling = m[..., p + size : p + 2 * size, p : p + size]
+            corner = -(lower_inv @ (coupling @ upper_inv))
+            zeros = jnp.zeros_like(upper_inv)
+            merged.append(
+                jnp.concatenate(
+                    [jnp.concatenate([upper_inv, zeros], -1), jnp.concatenate([corner, lower_inv], -1)], axis=-2
+                )
+            )
+        inverses = merged
         size *= 2
-    return t.reshape(*lead, c, c)
+    return inverses[0]
 
 
 def _unit_lower_inverse_fwd(m: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -95,6 +92,28 @@ def _unit_lower_inverse_bwd(t: jax.Array, t_bar: jax.Array) -> tuple[jax.Array]:
 
 
 _unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _share_across_value_heads(x: jax.Array, r: int) -> jax.Array:
+    """[..., Hk, C, C] -> [..., Hk, r, C, C]: a key-head quantity used by each of its r value heads."""
+    return jnp.broadcast_to(x[..., None, :, :], (*x.shape[:-2], r, *x.shape[-2:]))
+
+
+def _share_across_value_heads_fwd(x: jax.Array, r: int) -> tuple[jax.Array, None]:
+    return _share_across_value_heads(x, r), None
+
+
+def _share_across_value_heads_bwd(r: int, _: None, y_bar: jax.Array) -> tuple[jax.Array]:
+    # The gradient sums over the r value heads. Written as r - 1 adds because XLA's CPU reduce over a short
+    # middle axis (what autodiff of the broadcast emits) was measured ~30x slower than this.
+    x_bar = y_bar[..., 0, :, :]
+    for i in range(1, r):
+        x_bar = x_bar + y_bar[..., i, :, :]
+    return (x_bar,)
+
+
+_share_across_value_heads.defvjp(_share_across_value_heads_fwd, _share_across_value_heads_bwd)
 
 
 def _segment_masks(
@@ -179,7 +198,7 @@ def gated_delta_rule_xla(
     # Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and could overflow exp.
     decay = jnp.exp(jnp.where(same, gcum[..., :, None] - gcum[..., None, :], -jnp.inf))  # [N, B, Hk, r, C, C]
     kk = jnp.einsum("nbihd,nbjhd->nbhij", k, k)
-    m = jnp.where(jnp.tril(causal, -1), beta[..., :, None] * kk[:, :, :, None] * decay, 0.0)
+    m = jnp.where(jnp.tril(causal, -1), beta[..., :, None] * _share_across_value_heads(kk, r) * decay, 0.0)
     t = _unit_lower_inverse(m)  # [N, B, Hk, r, C, C]
 
     # Per-position scalings, all <= 1 in magnitude since G <= 0 (no overflow for strong decay).
@@ -194,7 +213,7 @@ def gated_delta_rule_xla(
         u = jnp.einsum("bhrij,bjhre->bhrie", t_n * beta_n[..., None, :], v_n)  # [B, Hk, r, C, dv]
         w = jnp.einsum("bhrij,bjhd->bhrid", t_n * w_scale_n[..., None, :], k_n)  # [B, Hk, r, C, dk]
         v_new = u - jnp.einsum("bhrcd,bhrde->bhrce", w, s)
-        attention = scale * jnp.einsum("bihd,bjhd->bhij", q_n, k_n)[:, :, None] * decay_n
+        attention = scale * _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", q_n, k_n), r) * decay_n
         o = q_scale_n[..., None] * jnp.einsum("bchd,bhrde->bhrce", q_n, s)
         o = o + jnp.einsum("bhrij,bhrje->bhrie", attention, v_new)
         s = chunk_decay_n[..., None, None] * s + jnp.einsum(
@@ -208,6 +227,6 @@ def gated_delta_rule_xla(
         s0 = initial_state.astype(f32).reshape(b, hk, r, dk, dv)
     full = lambda x: jnp.broadcast_to(x, gcum.shape)  # masks may be scalars when there are no segments
     xs = (q, k, v, t, decay, beta, q_scale, full(w_scale), full(to_end), jnp.broadcast_to(chunk_decay, gcum.shape[:-1]))
-    s_final, o = jax.lax.scan(chunk_step, s0, xs)
+    s_final, o = jax.lax.scan(jax.checkpoint(chunk_step), s0, xs)
     o = jnp.swapaxes(o, 0, 1).reshape(b, n * c, hv, dv)[:, :length]
     return o.astype(out_dtype), s_final.reshape(b, hv, dk, dv)

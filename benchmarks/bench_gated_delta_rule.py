@@ -1,0 +1,111 @@
+"""Benchmark the gated delta rule: chunked impl="xla" against the per-token impl="reference".
+
+Times the jitted forward and forward+backward at B=1, Hk=4, Hv=8, dk=dv=128, fp32, and reports the ratio
+reference/xla (measured in the same run), the achieved GFLOP/s of the chunked form, and the compiled temporary
+memory of forward+backward for both. Run from the repository root:
+
+    python -m benchmarks.bench_gated_delta_rule [--long] [--mem-len 16384] [--chunk-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from qwax.pallas_kernels import gated_delta_rule
+
+B, HK, HV, DK, DV = 1, 4, 8, 128, 128
+
+
+def make_inputs(length: int, seed: int = 0) -> tuple[jax.Array, ...]:
+    ks = jax.random.split(jax.random.key(seed), 5)
+    l2norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q = l2norm(jax.random.normal(ks[0], (B, length, HK, DK)))
+    k = l2norm(jax.random.normal(ks[1], (B, length, HK, DK)))
+    v = jax.random.normal(ks[2], (B, length, HV, DV))
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (B, length, HV)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, length, HV)))
+    return q, k, v, g, beta
+
+
+def forward_fn(impl: str, chunk_size: int):
+    def f(q, k, v, g, beta):
+        return gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, impl=impl)
+
+    return jax.jit(f)
+
+
+def forward_backward_fn(impl: str, chunk_size: int):
+    def loss(q, k, v, g, beta):
+        o, state = gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, impl=impl)
+        # Non-uniform weights so no gradient term cancels by symmetry.
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(state**2)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def time_ms(fn, args, reps: int) -> float:
+    """Best of `reps` runs after one warm-up (compile) run; the machine is shared and noisy, the best is stablest."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def chunked_flops(length: int, c: int) -> float:
+    """Matmul FLOPs of the chunked forward (elementwise work ignored)."""
+    n = -(-length // c)
+    per_key_head = 2 * (2 * c * c * DK)  # K K^T and Q K^T
+    per_value_head = (
+        c * c * (DK + DV)  # unit-lower-triangular solve for U and W
+        + 2 * (2 * c * DK * DV)  # V' = U - W S and the state update K^T V'
+        + 2 * c * DK * DV  # inter-chunk read Q S
+        + 2 * c * c * DV  # intra-chunk attention times V'
+    )
+    return float(B * n * (HK * per_key_head + HV * per_value_head))
+
+
+def temp_bytes(fn, args) -> int:
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--long", action="store_true", help="also time L=16384")
+    parser.add_argument("--mem-len", type=int, default=16384, help="L for the compiled memory comparison")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    c = args.chunk_size
+
+    lengths = [1024, 4096] + ([16384] if args.long else [])
+    print(f"gated delta rule, B={B} Hk={HK} Hv={HV} dk={DK} dv={DV} fp32, chunk={c}, backend={jax.default_backend()}")
+    header = f"{'L':>6} {'pass':>8} {'reference ms':>13} {'xla ms':>9} {'ref/xla':>8} {'xla GFLOP/s':>12}"
+    print(header)
+    print("-" * len(header))
+    for length in lengths:
+        inputs = make_inputs(length)
+        for name, make, flop_factor in (("fwd", forward_fn, 1.0), ("fwd+bwd", forward_backward_fn, 3.0)):
+            ref_ms = time_ms(make("reference", c), inputs, args.reps)
+            xla_ms = time_ms(make("xla", c), inputs, args.reps)
+            # Backward is counted as twice the forward, the usual rule for matmul-dominated work.
+            gflops = flop_factor * chunked_flops(length, c) / (xla_ms * 1e-3) / 1e9
+            print(f"{length:>6} {name:>8} {ref_ms:>13.1f} {xla_ms:>9.1f} {ref_ms / xla_ms:>8.2f} {gflops:>12.1f}")
+
+    inputs = jax.eval_shape(lambda: make_inputs(args.mem_len))
+    ref_bytes = temp_bytes(forward_backward_fn("reference", c), inputs)
+    xla_bytes = temp_bytes(forward_backward_fn("xla", c), inputs)
+    print(
+        f"\nfwd+bwd compiled temp memory at L={args.mem_len}: reference {ref_bytes / 2**20:.1f} MiB, "
+        f"xla {xla_bytes / 2**20:.1f} MiB, reference/xla {ref_bytes / xla_bytes:.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
