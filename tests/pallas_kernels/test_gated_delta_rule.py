@@ -86,10 +86,9 @@ def test_reference_matches_numpy_loops():
 
 @pytest.mark.parametrize(
     "length, chunk_size",
-    [(1, 64), (63, 64), (64, 64), (65, 64), (200, 64), (257, 64), (65, 16), (257, 32), (300, 48), (300, 128)],
+    [(1, 64), (63, 64), (64, 64), (65, 64), (200, 64), (257, 64), (257, 16), (257, 48), (257, 128)],
 )
 def test_xla_matches_reference(length, chunk_size):
-    # 48 is not a power-of-two multiple of 16 and 128 merges three levels of blocks in the triangular inverse.
     q, k, v, g, beta, state = make_inputs(length, length)
     o_ref, s_ref = run(q, k, v, g, beta, state, impl="reference")
     o, s = run(q, k, v, g, beta, state, impl="xla", chunk_size=chunk_size)
@@ -158,9 +157,9 @@ def test_segments_equal_separate_runs(impl):
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_split_sequence_with_carried_state_equals_one_pass(impl):
-    q, k, v, g, beta, state = make_inputs(9, 150)
+    q, k, v, g, beta, state = make_inputs(9, 160)
     o, s = run(q, k, v, g, beta, state, impl=impl)
-    cut = 70
+    cut = 80  # equal halves: one compilation for both
     o1, s1 = run(*(x[:, :cut] for x in (q, k, v, g, beta)), state, impl=impl)
     o2, s2 = run(*(x[:, cut:] for x in (q, k, v, g, beta)), s1, impl=impl)
     assert max_abs(np.concatenate([o1, o2], axis=1), o) <= 1e-5
@@ -197,7 +196,7 @@ def test_custom_scale():
 
 
 def test_auto_is_the_xla_impl_on_cpu():
-    args = make_inputs(8, 20)
+    args = make_inputs(8, 20)[:5]
     trace = lambda impl: str(jax.make_jaxpr(functools.partial(gated_delta_rule, impl=impl))(*args))
     assert trace("auto") == trace("xla")
 

@@ -36,48 +36,23 @@ import jax
 import jax.numpy as jnp
 
 
-def _row_substitution_inverse(m: jax.Array) -> jax.Array:
-    """(I + M)^-1 for strictly lower-triangular M [..., b, b], one row at a time, vectorised over the batch."""
-    b = m.shape[-1]
-    eye = jnp.eye(b, dtype=m.dtype)
+@jax.custom_vjp
+def _unit_lower_inverse(m: jax.Array) -> jax.Array:
+    """(I + M)^-1 for strictly lower-triangular M [..., C, C], batched over the leading axes.
+
+    Forward substitution one row at a time, each step vectorised over every chunk and head at once. It is
+    exact up to rounding and stable. On the CPU it beat batched `solve_triangular` and the log-step product
+    (I - M)(I + M^2)(I + M^4)... by several times; a blocked variant (16-row blocks merged pairwise) ran ~2x
+    faster at C = 64 but took seconds longer to compile per shape, for ~4% of the whole forward.
+    """
+    c = m.shape[-1]
+    eye = jnp.eye(c, dtype=m.dtype)
 
     def row(i, t):
         # Row i of T satisfies T_i = e_i - M_i T, and M_i is zero from column i on, so rows < i suffice.
         return t.at[..., i, :].set(eye[i] - jnp.einsum("...j,...jk->...k", m[..., i, :], t))
 
-    return jax.lax.fori_loop(0, b, row, jnp.zeros_like(m))
-
-
-@jax.custom_vjp
-def _unit_lower_inverse(m: jax.Array) -> jax.Array:
-    """(I + M)^-1 for strictly lower-triangular M [..., C, C], batched over the leading axes.
-
-    Blocked: invert the diagonal blocks of size b (<= 16 when C allows it) by row substitution, then merge
-    neighbouring blocks pairwise, [[A, 0], [X, B]]^-1 = [[A^-1, 0], [-B^-1 X A^-1, B^-1]], until C is reached.
-    Exact up to rounding. The sequential row loop is only b long, and the merges are small matmuls; batched
-    `solve_triangular` and the log-step product (I - M)(I + M^2)(I + M^4)... were several times slower on the
-    CPU.
-    """
-    c = m.shape[-1]
-    b = c
-    while b % 2 == 0 and b // 2 >= 16:
-        b //= 2
-    inverses = list(_row_substitution_inverse(jnp.stack([m[..., i : i + b, i : i + b] for i in range(0, c, b)])))
-    size = b
-    while size < c:
-        merged = []
-        for upper_inv, lower_inv, p in zip(inverses[::2], inverses[1::2], range(0, c, 2 * size)):
-            coupling = m[..., p + size : p + 2 * size, p : p + size]
-            corner = -(lower_inv @ (coupling @ upper_inv))
-            zeros = jnp.zeros_like(upper_inv)
-            merged.append(
-                jnp.concatenate(
-                    [jnp.concatenate([upper_inv, zeros], -1), jnp.concatenate([corner, lower_inv], -1)], axis=-2
-                )
-            )
-        inverses = merged
-        size *= 2
-    return inverses[0]
+    return jax.lax.fori_loop(0, c, row, jnp.zeros_like(m))
 
 
 def _unit_lower_inverse_fwd(m: jax.Array) -> tuple[jax.Array, jax.Array]:
