@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -48,7 +49,7 @@ def qwax_step_seconds(cfg: qwax.QwaxConfig, ids: np.ndarray, steps: int) -> tupl
              "segment_ids": np.ones((1, b, l - 1), np.int32),
              "position_ids": np.broadcast_to(np.arange(l - 1, dtype=np.int32), (1, b, l - 1)).copy(),
              "weights": np.ones((1, b, l - 1), np.float32)}
-    p, s = nnx.split(model)[1], opt.init(params)
+    p, s = jax.tree.map(jnp.copy, params), opt.init(params)  # the step donates its inputs; keep the model
     start = time.perf_counter()
     p, s, m = step(p, s, batch, jax.random.key(0))
     float(m["loss"])
@@ -113,12 +114,14 @@ def main() -> None:
           f"model FLOPs/token {fpt / 1e6:.1f}M; f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     compile_s, q_s, model = qwax_step_seconds(cfg, ids, args.steps)
     q_tps = tokens / q_s
-    print(f"qwax         {q_s:7.3f} s/step  {q_tps:8.1f} tokens/s  MFU {fpt * q_tps / peak:6.1%}  "
-          f"(compile {compile_s:.1f} s; gdn_impl={cfg.gdn_impl}, moe_impl={cfg.moe_impl}, remat={cfg.remat})")
+    qwax_line = (f"qwax         {q_s:7.3f} s/step  {q_tps:8.1f} tokens/s  MFU {fpt * q_tps / peak:6.1%}  "
+                 f"(compile {compile_s:.1f} s; gdn_impl={cfg.gdn_impl}, moe_impl={cfg.moe_impl}, remat={cfg.remat})")
+    print(qwax_line, flush=True)
     if args.skip_hf:
         return
     t_s = transformers_step_seconds(model, ids, args.steps)
     t_tps = tokens / t_s
+    print(f"peak {peak / 1e9:.1f} GFLOP/s\n{qwax_line}")  # again: transformers' warnings came in between
     print(f"transformers {t_s:7.3f} s/step  {t_tps:8.1f} tokens/s  MFU {fpt * t_tps / peak:6.1%}")
     print(f"train tokens/s qwax/transformers: {q_tps / t_tps:.2f}")
 
