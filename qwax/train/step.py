@@ -78,7 +78,7 @@ def micro_batch_terms(model: nnx.Module, batch: dict, weights: LossWeights) -> d
         next_ids, next_targets, mtp_w = mtp_targets(batch)
         b, l = next_ids.shape
         ctx = model.context(b, l, None, batch["position_ids"], batch["segment_ids"])
-        mtp_hidden, _ = model.mtp(out.hidden, model.embed(next_ids), ctx)
+        mtp_hidden = model.mtp(out.hidden, model.embed(next_ids), ctx)[0]  # (hidden, router logits, ...)
         terms["mtp_sum"], terms["mtp_tokens"] = token_cross_entropy(model.logits(mtp_hidden), next_targets, mtp_w)
     return terms
 
