@@ -17,15 +17,16 @@ last_j says position j is in the segment still running at the chunk's end (it su
 segment_ids both are all ones.
 
 How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delta_rule.py):
-- Only the [C, C]-sized quantities (D, M and T) are computed for all chunks at once, before the scan. T is
-  the one step that needs a sequential loop (over rows), so it is done once for every chunk and head together.
-- Everything of size [C, d] runs inside one `lax.scan` over chunks. XLA's CPU matmuls are much faster on the
-  few, moderately sized per-chunk products (batched over heads) than on one product batched over thousands of
-  tiny chunk matrices, and the per-chunk intermediates stay in cache instead of making several passes over
-  [L, d]-sized arrays in memory.
+- Everything of size [C, d] runs inside one `lax.scan` over chunks, batched over heads. XLA's CPU matmuls
+  are much faster on these few, moderately sized products than on one product batched over thousands of
+  tiny per-chunk matrices, and the per-chunk intermediates stay in cache instead of making several passes
+  over [L, d]-sized arrays in memory.
+- T is the one step that needs a sequential loop (over its C rows). It is computed before the scan, for a
+  group of chunks at a time (`lax.map`), so each row pass is vectorised over many matrices that still fit in
+  cache.
 - The chunk layout is token-major ([N, B, C, H, d]), a free reshape of the [B, L, H, d] input when B == 1.
-- Autodiff stores one [dk, dv] state per chunk (the scan carry) plus per-chunk intermediates of size
-  [C, d]: never one state per token as the per-token scan does.
+- Autodiff stores one [dk, dv] state per chunk (the scan body is rematerialised), never one per token as
+  the per-token scan does.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ import jax
 import jax.numpy as jnp
 
 
+_CACHE_BYTES = 1 << 20  # working-set target for the triangular solves, about one L2 cache
+
+
 @jax.custom_vjp
 def _unit_lower_inverse(m: jax.Array) -> jax.Array:
     """(I + M)^-1 for strictly lower-triangular M [..., C, C], batched over the leading axes.
 
-    Forward substitution one row at a time, each step vectorised over every chunk and head at once. It is
-    exact up to rounding and stable. On the CPU it beat batched `solve_triangular` and the log-step product
+    Forward substitution one row at a time, each step vectorised over the leading axes. It is exact up to
+    rounding and stable. On the CPU it beat batched `solve_triangular` and the log-step product
     (I - M)(I + M^2)(I + M^4)... by several times; a blocked variant (16-row blocks merged pairwise) ran ~2x
     faster at C = 64 but took seconds longer to compile per shape, for ~4% of the whole forward.
     """
@@ -92,14 +96,18 @@ _share_across_value_heads.defvjp(_share_across_value_heads_fwd, _share_across_va
 
 
 def _segment_masks(
-    segment_ids: jax.Array, n: int, c: int, pad: int
+    segment_ids: jax.Array | None, b: int, n: int, c: int, pad: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-chunk segment masks, each shaped to broadcast against [N, B, Hk, r, C(, C)].
 
-    Returns (same [N, B, 1, 1, C, C]: positions i, j in one segment; first [N, B, 1, 1, C]: position still in
-    the segment running at the chunk start; last [N, B, 1, 1, C]: position in the segment running at the end).
+    Returns (same [N, B, 1, 1, C, C]: positions j <= i in one segment; first [N, B, 1, 1, C]: position still
+    in the segment running at the chunk start; last [N, B, 1, 1, C]: position in the segment running at the
+    chunk end). Without segment_ids these are the causal mask and ones.
     """
-    b = segment_ids.shape[0]
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    if segment_ids is None:
+        ones = jnp.ones((n, b, 1, 1, c), jnp.float32)
+        return jnp.broadcast_to(causal, (n, b, 1, 1, c, c)), ones, ones
     changed = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
     # A running count of resets names segments even when an id value is reused later in the row.
     seg = jnp.cumsum(jnp.pad(changed, [(0, 0), (1, 0)]), axis=1)
@@ -110,7 +118,7 @@ def _segment_masks(
     seg_start = jnp.pad(seg[:, :-1, -1], [(0, 0), (1, 0)])
     seg = jnp.swapaxes(seg, 0, 1)[:, :, None, None]  # [N, B, 1, 1, C]
     seg_start = jnp.swapaxes(seg_start, 0, 1)[:, :, None, None, None]
-    same = seg[..., :, None] == seg[..., None, :]
+    same = causal & (seg[..., :, None] == seg[..., None, :])
     first = (seg == seg_start).astype(jnp.float32)
     last = (seg == seg[..., -1:]).astype(jnp.float32)
     return same, first, last
@@ -162,19 +170,27 @@ def gated_delta_rule_xla(
     # Gates are small: put C last so they broadcast against [C, C] matrices.
     g, beta = (jnp.moveaxis(to_chunks(x.reshape(b, n * c, hk, r)), 2, -1) for x in (g, beta))  # [N, B, Hk, r, C]
 
-    causal = jnp.tril(jnp.ones((c, c), bool))
-    if segment_ids is None:
-        same, first, last = causal, 1.0, 1.0
-    else:
-        same, first, last = _segment_masks(segment_ids, n, c, pad)
-        same = same & causal
+    same, first, last = _segment_masks(segment_ids, b, n, c, pad)
+    gcum = jnp.cumsum(g, axis=-1)  # [N, B, Hk, r, C]
 
-    gcum = jnp.cumsum(g, axis=-1)
-    # Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and could overflow exp.
-    decay = jnp.exp(jnp.where(same, gcum[..., :, None] - gcum[..., None, :], -jnp.inf))  # [N, B, Hk, r, C, C]
-    kk = jnp.einsum("nbihd,nbjhd->nbhij", k, k)
-    m = jnp.where(jnp.tril(causal, -1), beta[..., :, None] * _share_across_value_heads(kk, r) * decay, 0.0)
-    t = _unit_lower_inverse(m)  # [N, B, Hk, r, C, C]
+    def decay_matrix(gcum_n: jax.Array, same_n: jax.Array) -> jax.Array:
+        """D_ij = exp(G_i - G_j) where `same_n` holds, else 0: [..., C] -> [..., C, C]."""
+        # Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and could overflow exp.
+        return jnp.exp(jnp.where(same_n, gcum_n[..., :, None] - gcum_n[..., None, :], -jnp.inf))
+
+    def wy_inverse(xs: tuple[jax.Array, ...]) -> jax.Array:
+        """T = (I + M)^-1 for a group of G chunks: [G, B, Hk, r, C, C]."""
+        k_n, beta_n, gcum_n, same_n = xs
+        kk = _share_across_value_heads(jnp.einsum("nbihd,nbjhd->nbhij", k_n, k_n), r)
+        m = beta_n[..., :, None] * kk * decay_matrix(gcum_n, same_n & ~jnp.eye(c, dtype=bool))
+        return _unit_lower_inverse(m)
+
+    # The row-by-row solve makes C passes over its [C, C] matrices: group chunks so those stay in cache (one
+    # pass over all chunks at once was the largest single cost at L = 8192).
+    group = max(1, _CACHE_BYTES // (b * hv * c * c * 4))
+    group = max(d for d in range(1, min(group, n) + 1) if n % d == 0)
+    grouped = lambda x: x.reshape(n // group, group, *x.shape[1:])
+    t = jax.lax.map(wy_inverse, tuple(map(grouped, (k, beta, gcum, same)))).reshape(n, b, hk, r, c, c)
 
     # Per-position scalings, all <= 1 in magnitude since G <= 0 (no overflow for strong decay).
     decay_from_start = jnp.exp(gcum)
@@ -184,13 +200,13 @@ def gated_delta_rule_xla(
     chunk_decay = (first * decay_from_start)[..., -1]  # [N, B, Hk, r]; 0 if a segment starts in the chunk
 
     def chunk_step(s, xs):
-        q_n, k_n, v_n, t_n, decay_n, beta_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
+        q_n, k_n, v_n, t_n, same_n, gcum_n, beta_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
         u = jnp.einsum("bhrij,bjhre->bhrie", t_n * beta_n[..., None, :], v_n)  # [B, Hk, r, C, dv]
         w = jnp.einsum("bhrij,bjhd->bhrid", t_n * w_scale_n[..., None, :], k_n)  # [B, Hk, r, C, dk]
         v_new = u - jnp.einsum("bhrcd,bhrde->bhrce", w, s)
-        attention = scale * _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", q_n, k_n), r) * decay_n
+        qk = _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", q_n, k_n), r)
         o = q_scale_n[..., None] * jnp.einsum("bchd,bhrde->bhrce", q_n, s)
-        o = o + jnp.einsum("bhrij,bhrje->bhrie", attention, v_new)
+        o = o + jnp.einsum("bhrij,bhrje->bhrie", scale * qk * decay_matrix(gcum_n, same_n), v_new)
         s = chunk_decay_n[..., None, None] * s + jnp.einsum(
             "bchd,bhrce->bhrde", k_n, to_end_n[..., None] * v_new
         )
@@ -200,8 +216,8 @@ def gated_delta_rule_xla(
         s0 = jnp.zeros((b, hk, r, dk, dv), f32)
     else:
         s0 = initial_state.astype(f32).reshape(b, hk, r, dk, dv)
-    full = lambda x: jnp.broadcast_to(x, gcum.shape)  # masks may be scalars when there are no segments
-    xs = (q, k, v, t, decay, beta, q_scale, full(w_scale), full(to_end), jnp.broadcast_to(chunk_decay, gcum.shape[:-1]))
+    xs = (q, k, v, t, same, gcum, beta, q_scale, w_scale, to_end, chunk_decay)
+    # Rematerialise the step in the backward pass: autodiff then keeps only the per-chunk start states.
     s_final, o = jax.lax.scan(jax.checkpoint(chunk_step), s0, xs)
     o = jnp.swapaxes(o, 0, 1).reshape(b, n * c, hv, dv)[:, :length]
     return o.astype(out_dtype), s_final.reshape(b, hv, dk, dv)
