@@ -35,12 +35,15 @@ def check_token_ids(input_ids: Any, vocab_size: int) -> None:
 class ModelOutput(NamedTuple):
     """logits [B, L, vocab] (compute dtype); hidden [B, L, H] final-normed hidden states;
     aux_loss: the MoE load-balancing loss (0.0 for dense models, unweighted by router_aux_loss_coef);
-    cache: the updated decoding cache when one was passed in, else None."""
+    cache: the updated decoding cache when one was passed in, else None;
+    router_logits: [n_moe_layers, B*L, E] router logits of every MoE layer (None for dense models), e.g. for a
+    router z-loss."""
 
     logits: jax.Array
     hidden: jax.Array
     aux_loss: jax.Array
     cache: Any = None
+    router_logits: jax.Array | None = None
 
 
 class QwaxForCausalLM(nnx.Module):
@@ -123,7 +126,8 @@ class QwaxForCausalLM(nnx.Module):
                                       None if ctx.valid is None else ctx.valid.reshape(-1))
         if cache is not None:
             cache = cache._replace(layers=layer_caches, **bookkeeping)
-        return ModelOutput(logits=self.logits(hidden), hidden=hidden, aux_loss=aux, cache=cache)
+        return ModelOutput(logits=self.logits(hidden), hidden=hidden, aux_loss=aux, cache=cache,
+                           router_logits=router_logits)
 
     def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
