@@ -221,6 +221,15 @@ def test_bad_shapes_raise_naming_the_argument(name, change):
         gated_delta_rule(**args)
 
 
+def test_step_bad_shapes_raise_naming_the_argument():
+    q, k, v, g, beta, state = make_inputs(0, 1)
+    token = lambda x: x[:, 0]
+    with pytest.raises(ValueError, match="state"):
+        gated_delta_rule_step(token(q), token(k), token(v), token(g), token(beta), state[:, :, :-1])
+    with pytest.raises(ValueError, match="beta"):
+        gated_delta_rule_step(token(q), token(k), token(v), token(g), beta, state)
+
+
 def test_unknown_impl_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="reference.*xla"):
         gated_delta_rule(*make_inputs(0, 4)[:5], impl="cuda")

@@ -2,15 +2,17 @@
 
 Implementations:
   "reference": per-token `lax.scan` (reference.py), the oracle.
-  "xla":       chunked form with all intra-chunk work batched over chunks (xla.py); fastest on the CPU.
+  "xla":       chunked form in plain JAX (xla.py); stores one state per chunk for autodiff.
   "auto":      the best available for the current backend (currently "xla" everywhere).
+
+gated_delta_rule_step is the single-token decode step (the same recurrence, one token).
 """
 
 from __future__ import annotations
 
 import jax
 
-from qwax.pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference, gated_delta_rule_step
+from qwax.pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference, recurrent_step
 from qwax.pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "IMPLS"]
@@ -23,24 +25,29 @@ def _check_shape(name: str, x: jax.Array, expected: tuple[int, ...], meaning: st
         raise ValueError(f"{name} must have shape {meaning} = {expected}, found {tuple(x.shape)}")
 
 
-def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size) -> None:
-    if q.ndim != 4:
-        raise ValueError(f"q must have shape [B, L, Hk, dk], found {tuple(q.shape)}")
-    b, length, hk, dk = q.shape
-    _check_shape("k", k, (b, length, hk, dk), "[B, L, Hk, dk] like q")
-    if v.ndim != 4 or v.shape[:2] != (b, length):
-        raise ValueError(f"v must have shape [B, L, Hv, dv] with B, L = {(b, length)} from q, found {tuple(v.shape)}")
-    hv, dv = v.shape[2], v.shape[3]
+def _validate_heads(
+    q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, state: jax.Array | None,
+    lead: str, state_name: str,
+) -> None:
+    """Checks q, k [*lead, Hk, dk], v [*lead, Hv, dv], g, beta [*lead, Hv], state [B, Hv, dk, dv].
+
+    `lead` names the leading axes ("B, L" for a sequence, "B" for one token).
+    """
+    n_lead = len(lead.split(","))
+    if q.ndim != n_lead + 2:
+        raise ValueError(f"q must have shape [{lead}, Hk, dk], found {tuple(q.shape)}")
+    *lead_shape, hk, dk = q.shape
+    lead_shape = tuple(lead_shape)
+    _check_shape("k", k, (*lead_shape, hk, dk), f"[{lead}, Hk, dk] like q")
+    if v.ndim != n_lead + 2 or v.shape[:n_lead] != lead_shape:
+        raise ValueError(f"v must have shape [{lead}, Hv, dv] with {lead} = {lead_shape} from q, found {tuple(v.shape)}")
+    hv, dv = v.shape[-2:]
     if hv % hk:
         raise ValueError(f"v's head count Hv = {hv} must be a multiple of q/k's head count Hk = {hk}")
-    _check_shape("g", g, (b, length, hv), "[B, L, Hv]")
-    _check_shape("beta", beta, (b, length, hv), "[B, L, Hv]")
-    if initial_state is not None:
-        _check_shape("initial_state", initial_state, (b, hv, dk, dv), "[B, Hv, dk, dv]")
-    if segment_ids is not None:
-        _check_shape("segment_ids", segment_ids, (b, length), "[B, L]")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, found {chunk_size!r}")
+    _check_shape("g", g, (*lead_shape, hv), f"[{lead}, Hv]")
+    _check_shape("beta", beta, (*lead_shape, hv), f"[{lead}, Hv]")
+    if state is not None:
+        _check_shape(state_name, state, (lead_shape[0], hv, dk, dv), "[B, Hv, dk, dv]")
 
 
 def gated_delta_rule(
@@ -75,12 +82,40 @@ def gated_delta_rule(
     Returns:
       (o [B, L, Hv, dv] in v.dtype, final_state [B, Hv, dk, dv] float32). Internal math is float32.
     """
-    _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
+    _validate_heads(q, k, v, g, beta, initial_state, "B, L", "initial_state")
+    if segment_ids is not None:
+        _check_shape("segment_ids", segment_ids, q.shape[:2], "[B, L]")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, found {chunk_size!r}")
     if impl == "auto":
-        impl = "xla"
+        impl = "xla"  # a backend-specific kernel (e.g. Pallas on TPU/GPU) would be chosen here
     kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
     if impl == "xla":
         return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
     raise ValueError(f"impl must be one of {IMPLS}, found {impl!r}")
+
+
+def gated_delta_rule_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    state: jax.Array,
+    *,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One token of the gated delta rule (single-token decode), the same recurrence as `gated_delta_rule`.
+
+    Args:
+      q, k: [B, Hk, dk], already L2-normalised. v: [B, Hv, dv]. g, beta: [B, Hv].
+      state: [B, Hv, dk, dv], the running state (float32).
+      scale: multiplies the read; defaults to dk ** -0.5.
+
+    Returns:
+      (o [B, Hv, dv] in v.dtype, new_state [B, Hv, dk, dv] float32).
+    """
+    _validate_heads(q, k, v, g, beta, state, "B", "state")
+    return recurrent_step(q, k, v, g, beta, state, scale=scale)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 
-def gated_delta_rule_step(
+def recurrent_step(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -27,7 +27,7 @@ def gated_delta_rule_step(
     *,
     scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One token of the gated delta rule (single-token decode).
+    """One token of the recurrence (no shape checks; `gated_delta_rule_step` is the public, checked form).
 
     Args:
       q, k: [B, Hk, dk], already L2-normalised.
@@ -89,7 +89,7 @@ def gated_delta_rule_reference(
     def body(state, xs):
         q_t, k_t, v_t, g_t, beta_t, reset_t = xs
         state = jnp.where(reset_t[:, None, None, None], 0.0, state)
-        o_t, state = gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale=scale)
+        o_t, state = recurrent_step(q_t, k_t, v_t, g_t, beta_t, state, scale=scale)
         return state, o_t
 
     # Scan over time: move L to the front.
