@@ -51,7 +51,7 @@ def test_scanned_and_unrolled_layouts_agree(model_type, hf_checkpoint):
     ids = random_ids(2, 70, seed=3)
     a = np.asarray(scanned(ids).logits)
     b = np.asarray(unrolled(ids).logits)
-    np.testing.assert_allclose(a, b, atol=5e-5, rtol=0)  # float reassociation only; a layer-order bug is O(1)
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)  # float reassociation only; a layer-order bug is O(1)
 
 
 def _torch_grads(hf_model, ids):
