@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import jax
@@ -35,11 +36,11 @@ import numpy as np
 from qwax.pallas_kernels.moe import routed_experts
 
 
-def _timeit(fn, *args) -> float:
-    t0 = time.perf_counter()
-    out = fn(*args)
-    jax.block_until_ready(out)
-    return time.perf_counter() - t0
+def _timeit(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds over all threads) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def make_weights(rng: np.random.Generator, t: int, h: int, i: int, e: int, i_shared: int) -> dict[str, np.ndarray]:
@@ -160,8 +161,8 @@ def main() -> None:
             block = build_torch_block(p_np, h, i, e, k, i_s, args.torch_experts)
             xt = torch.from_numpy(p_np["x"])
             dyt = torch.from_numpy(p_np["dy"])
-            idx_t = torch.from_numpy(np.asarray(idx)).long()
-            w_t = torch.from_numpy(np.asarray(w))
+            idx_t = torch.from_numpy(np.array(idx)).long()
+            w_t = torch.from_numpy(np.array(w))
 
             def t_experts_fwd(block=block, xt=xt, idx_t=idx_t, w_t=w_t):
                 with torch.no_grad():
@@ -200,12 +201,17 @@ def main() -> None:
 
     # ---- time, interleaved ---------------------------------------------------------------------------
     best = {key: float("inf") for key in cases}
+    cpu = {key: float("inf") for key in cases}
+    load0 = os.getloadavg()[0]
     for _ in range(args.reps):
         for key, fn in cases.items():
-            best[key] = min(best[key], _timeit(fn))
+            wall, c = _timeit(fn)
+            best[key], cpu[key] = min(best[key], wall), min(cpu[key], c)
+    load1 = os.getloadavg()[0]
 
     peak = 2 * 2048**3 / best[("peak",)] / 1e9
-    print(f"\nf32 matmul peak (jnp 2048^3): {peak:.0f} GFLOP/s")
+    print(f"\nload average (1 min) before/after timing: {load0:.1f} / {load1:.1f} on {os.cpu_count()} cores")
+    print(f"f32 matmul peak (jnp 2048^3): {peak:.0f} GFLOP/s")
     hdr = f"{'E':>4} {'pass':>8} | {'qwax experts':>22} | {'torch experts':>22} | {'torch/qwax':>10} | " \
           f"{'qwax block':>10} | {'torch block':>11} | {'torch/qwax':>10}"
     print(hdr)
@@ -224,10 +230,21 @@ def main() -> None:
             else:
                 row += f" {'-':>22} | {'-':>10} | {qb * 1e3:7.1f} ms |"
             print(row)
+    # Process CPU time (all threads) is less disturbed by other jobs than wall time on a shared machine,
+    # but counts spinning threads too (OpenMP in torch), so it is a hint, not the headline.
+    print("\nprocess CPU seconds (min over reps), experts part:")
+    for e in args.experts:
+        row = "  ".join(
+            f"{lib} {ps} {cpu[(lib, 'experts', ps, e)] * 1e3:7.0f} ms"
+            for lib in (("qwax",) if args.no_torch else ("qwax", "torch"))
+            for ps in ("fwd", "fwd+bwd")
+        )
+        print(f"  E={e:>3}: {row}")
     if 8 in args.experts and 64 in args.experts:
         for ps in ("fwd", "fwd+bwd"):
             r = best[("qwax", "experts", ps, 64)] / best[("qwax", "experts", ps, 8)]
-            print(f"qwax experts {ps}: time(E=64) / time(E=8) = {r:.2f}")
+            rc = cpu[("qwax", "experts", ps, 64)] / cpu[("qwax", "experts", ps, 8)]
+            print(f"qwax experts {ps}: time(E=64) / time(E=8) = {r:.2f} wall, {rc:.2f} CPU time")
 
 
 if __name__ == "__main__":
