@@ -6,9 +6,8 @@ The sequence is cut into chunks of C tokens. Per (batch, value head, chunk), pos
   D_ij     = exp(G_i - G_j)  for j <= i in the same segment, else 0
   M_ij     = beta_i (k_i . k_j) D_ij  for j < i, else 0
   T        = (I + M)^-1                        unit lower triangular (the UT / WY transform)
-  U        = T (beta * V)                      "new values" if the chunk started from S = 0
-  W        = T (first * beta * exp(G) * K)     how the chunk's start state S changes them
-  V'       = U - W S                           the true u_t of the recurrence
+  V'       = T (beta * V - first * beta * exp(G) * (K S))      the true u_t of the recurrence
+             (= U - W S with U = T (beta V), W = T (first beta exp(G) K), applying T only once)
   O        = scale * [first * exp(G) * (Q S) + ((Q K^T) * D) V']
   S_next   = first_{C-1} exp(G_{C-1}) S + K^T (last * exp(G_{C-1} - G) * V')
 
@@ -199,25 +198,28 @@ def gated_delta_rule_xla(
     to_end = last * jnp.exp(gcum[..., -1:] - gcum)  # how much of each write survives to the chunk end
     chunk_decay = (first * decay_from_start)[..., -1]  # [N, B, Hk, r]; 0 if a segment starts in the chunk
 
+    v_scaled = v * jnp.moveaxis(beta, -1, 2)[..., None]  # beta * V, [N, B, C, Hk, r, dv]
+
     def chunk_step(s, xs):
-        q_n, k_n, v_n, t_n, same_n, gcum_n, beta_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
-        u = jnp.einsum("bhrij,bjhre->bhrie", t_n * beta_n[..., None, :], v_n)  # [B, Hk, r, C, dv]
-        w = jnp.einsum("bhrij,bjhd->bhrid", t_n * w_scale_n[..., None, :], k_n)  # [B, Hk, r, C, dk]
-        v_new = u - jnp.einsum("bhrcd,bhrde->bhrce", w, s)
+        # s is the transposed state S^T [B, Hk, r, dv, dk], the layout the update matmul produces.
+        q_n, k_n, v_n, t_n, same_n, gcum_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
+        # V' = U - W S = T (beta V - w_scale * (K S)): T is applied once, to the corrected values.
+        residual = jnp.moveaxis(v_n, 1, 3) - w_scale_n[..., None] * jnp.einsum("bchd,bhred->bhrce", k_n, s)
+        v_new = jnp.einsum("bhrij,bhrje->bhrie", t_n, residual)  # [B, Hk, r, C, dv]
         qk = _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", q_n, k_n), r)
-        o = q_scale_n[..., None] * jnp.einsum("bchd,bhrde->bhrce", q_n, s)
+        o = q_scale_n[..., None] * jnp.einsum("bchd,bhred->bhrce", q_n, s)
         o = o + jnp.einsum("bhrij,bhrje->bhrie", scale * qk * decay_matrix(gcum_n, same_n), v_new)
         s = chunk_decay_n[..., None, None] * s + jnp.einsum(
-            "bchd,bhrce->bhrde", k_n, to_end_n[..., None] * v_new
+            "bhrce,bchd->bhred", to_end_n[..., None] * v_new, k_n
         )
         return s, jnp.moveaxis(o, 3, 1)  # [B, C, Hk, r, dv]
 
     if initial_state is None:
-        s0 = jnp.zeros((b, hk, r, dk, dv), f32)
+        s0 = jnp.zeros((b, hk, r, dv, dk), f32)
     else:
-        s0 = initial_state.astype(f32).reshape(b, hk, r, dk, dv)
-    xs = (q, k, v, t, same, gcum, beta, q_scale, w_scale, to_end, chunk_decay)
+        s0 = jnp.swapaxes(initial_state.astype(f32).reshape(b, hk, r, dk, dv), -1, -2)
+    xs = (q, k, v_scaled, t, same, gcum, q_scale, w_scale, to_end, chunk_decay)
     # Rematerialise the step in the backward pass: autodiff then keeps only the per-chunk start states.
     s_final, o = jax.lax.scan(jax.checkpoint(chunk_step), s0, xs)
     o = jnp.swapaxes(o, 0, 1).reshape(b, n * c, hv, dv)[:, :length]
-    return o.astype(out_dtype), s_final.reshape(b, hv, dk, dv)
+    return o.astype(out_dtype), jnp.swapaxes(s_final, -1, -2).reshape(b, hv, dk, dv)
