@@ -17,15 +17,17 @@ segment_ids both are all ones.
 
 How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delta_rule.py):
 - Everything of size [C, d] runs inside one `lax.scan` over chunks, batched over heads. XLA's CPU matmuls
-  are much faster on these few, moderately sized products than on one product batched over thousands of
-  tiny per-chunk matrices, and the per-chunk intermediates stay in cache instead of making several passes
-  over [L, d]-sized arrays in memory.
+  ran these moderately sized products faster than the same work as products batched over all chunks at
+  once, and the per-chunk intermediates stay in cache instead of making several passes over [L, d]-sized
+  arrays in memory (memory bandwidth, not arithmetic, limited the all-chunks-at-once version).
 - T is the one step that needs a sequential loop (over its C rows). It is computed before the scan, for a
   group of chunks at a time (`lax.map`), so each row pass is vectorised over many matrices that still fit in
   cache.
 - The chunk layout is token-major ([N, B, C, H, d]), a free reshape of the [B, L, H, d] input when B == 1.
 - Autodiff stores one [dk, dv] state per chunk (the scan body is rematerialised), never one per token as
   the per-token scan does.
+- The [C, C]-sized work (T, Q K^T, applying T) grows with C while the state work does not: on the CPU,
+  chunk_size=32 measured ~25% faster than 64 at L=4096.
 """
 
 from __future__ import annotations
