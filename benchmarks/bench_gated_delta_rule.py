@@ -4,11 +4,12 @@ Times the jitted forward and forward+backward at B=1, Hk=4, Hv=8, dk=dv=128, fp3
 reference/xla measured in the same run, the achieved GFLOP/s of the chunked form, and the compiled temporary
 memory of forward+backward for both. Run from the repository root:
 
-    python -m benchmarks.bench_gated_delta_rule [--long] [--mem-len 16384] [--chunk-size 64]
+    python -m benchmarks.bench_gated_delta_rule [--long] [--mem-len 16384] [--chunk-sizes 64,32]
 
-Timings are the best of --reps runs after a warm-up: the machines are shared and the best run is the most
-stable statistic. A run whose compiled temporaries would not fit in half of this machine's memory is skipped
-(the reference's forward+backward at L=16384 needs ~27 GiB).
+Timings are the best of --reps rounds after a warm-up; each round runs the reference and every xla variant
+once, interleaved, so slow phases of a shared machine hit all of them alike. A run whose compiled temporaries
+would not fit in half of this machine's memory is skipped (the reference's forward+backward at L=16384 needs
+~27 GiB).
 """
 
 from __future__ import annotations
@@ -52,14 +53,17 @@ def forward_backward_fn(impl: str, chunk_size: int):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
-def time_ms(fn, args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def best_times_ms(fns: dict[str, object], args, reps: int) -> dict[str, float]:
+    """Best wall time of each function over `reps` interleaved rounds, after one warm-up (compile) call each."""
+    for fn in fns.values():
         jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: t * 1e3 for name, t in best.items()}
 
 
 def chunked_flops(length: int, c: int) -> float:
@@ -84,39 +88,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="also time L=16384")
     parser.add_argument("--mem-len", type=int, default=16384, help="L for the compiled memory comparison")
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-sizes", default="64,32", help="comma-separated chunk sizes of the xla impl")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    c = args.chunk_size
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
     memory_budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     lengths = [1024, 4096] + ([16384] if args.long else [])
-    print(f"gated delta rule, B={B} Hk={HK} Hv={HV} dk={DK} dv={DV} fp32, chunk={c}, backend={jax.default_backend()}")
-    header = f"{'L':>6} {'pass':>8} {'reference ms':>13} {'xla ms':>9} {'ref/xla':>8} {'xla GFLOP/s':>12}"
+    print(f"gated delta rule, B={B} Hk={HK} Hv={HV} dk={DK} dv={DV} fp32, backend={jax.default_backend()}")
+    header = f"{'L':>6} {'pass':>8} {'chunk':>6} {'reference ms':>13} {'xla ms':>9} {'ref/xla':>8} {'xla GFLOP/s':>12}"
     print(header)
     print("-" * len(header))
     for length in lengths:
         inputs = make_inputs(length)
         # fwd+bwd FLOPs: forward, its recomputation inside the rematerialised backward, and ~2x for the backward.
         for name, make, flop_factor in (("fwd", forward_fn, 1.0), ("fwd+bwd", forward_backward_fn, 4.0)):
-            ref_fn, xla_fn = make("reference", c), make("xla", c)
+            fns = {c: make("xla", c) for c in chunk_sizes}
+            ref_fn = make("reference", chunk_sizes[0])
             ref_needs = temp_bytes(ref_fn, inputs)
-            if ref_needs > memory_budget:
-                ref_text, ref_ms = f"skip:{ref_needs / 2**30:.0f}GiB", None
-            else:
-                ref_ms = time_ms(ref_fn, inputs, args.reps)
-                ref_text = f"{ref_ms:.1f}"
-            xla_ms = time_ms(xla_fn, inputs, args.reps)
-            ratio = f"{ref_ms / xla_ms:.2f}" if ref_ms else "-"
-            gflops = flop_factor * chunked_flops(length, c) / (xla_ms * 1e-3) / 1e9
-            print(f"{length:>6} {name:>8} {ref_text:>13} {xla_ms:>9.1f} {ratio:>8} {gflops:>12.1f}")
+            if ref_needs <= memory_budget:
+                fns["reference"] = ref_fn
+            ms = best_times_ms(fns, inputs, args.reps)
+            ref_ms = ms.get("reference")
+            ref_text = f"{ref_ms:.1f}" if ref_ms else f"skip:{ref_needs / 2**30:.0f}GiB"
+            for c in chunk_sizes:
+                ratio = f"{ref_ms / ms[c]:.2f}" if ref_ms else "-"
+                gflops = flop_factor * chunked_flops(length, c) / (ms[c] * 1e-3) / 1e9
+                print(f"{length:>6} {name:>8} {c:>6} {ref_text:>13} {ms[c]:>9.1f} {ratio:>8} {gflops:>12.1f}")
 
     inputs = jax.eval_shape(lambda: make_inputs(args.mem_len))
-    ref_bytes = temp_bytes(forward_backward_fn("reference", c), inputs)
-    xla_bytes = temp_bytes(forward_backward_fn("xla", c), inputs)
+    ref_bytes = temp_bytes(forward_backward_fn("reference", chunk_sizes[0]), inputs)
+    xla_bytes = temp_bytes(forward_backward_fn("xla", chunk_sizes[0]), inputs)
     print(
-        f"\nfwd+bwd compiled temp memory at L={args.mem_len}: reference {ref_bytes / 2**20:.1f} MiB, "
-        f"xla {xla_bytes / 2**20:.1f} MiB, reference/xla {ref_bytes / xla_bytes:.1f}x"
+        f"\nfwd+bwd compiled temp memory at L={args.mem_len} (chunk {chunk_sizes[0]}): reference "
+        f"{ref_bytes / 2**20:.1f} MiB, xla {xla_bytes / 2**20:.1f} MiB, reference/xla {ref_bytes / xla_bytes:.1f}x"
     )
 
 

@@ -20,9 +20,9 @@ How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delt
   ran these moderately sized products faster than the same work as products batched over all chunks at
   once, and the per-chunk intermediates stay in cache instead of making several passes over [L, d]-sized
   arrays in memory (memory bandwidth, not arithmetic, limited the all-chunks-at-once version).
-- T is the one step that needs a sequential loop (over its C rows). It is computed before the scan, for a
-  group of chunks at a time (`lax.map`), so each row pass is vectorised over many matrices that still fit in
-  cache.
+- T is the one step that needs a sequential loop (over its C rows). It is computed inside the scan step,
+  where it does not depend on the state, so XLA overlaps it with the state matmuls on a second core; this
+  was faster than computing T for all chunks (or groups of chunks) before the scan, and T is never stored.
 - The chunk layout is token-major ([N, B, C, H, d]), a free reshape of the [B, L, H, d] input when B == 1.
 - Autodiff stores one [dk, dv] state per chunk (the scan body is rematerialised), never one per token as
   the per-token scan does.
@@ -36,9 +36,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-
-_CACHE_BYTES = 1 << 20  # working-set target for the triangular solves, about one L2 cache
 
 
 @jax.custom_vjp
@@ -172,26 +169,8 @@ def gated_delta_rule_xla(
     g, beta = (jnp.moveaxis(to_chunks(x.reshape(b, n * c, hk, r)), 2, -1) for x in (g, beta))  # [N, B, Hk, r, C]
 
     same, first, last = _segment_masks(segment_ids, b, n, c, pad)
+    strictly_lower = jnp.tril(jnp.ones((c, c), bool), -1)
     gcum = jnp.cumsum(g, axis=-1)  # [N, B, Hk, r, C]
-
-    def decay_matrix(gcum_n: jax.Array, same_n: jax.Array) -> jax.Array:
-        """D_ij = exp(G_i - G_j) where `same_n` holds, else 0: [..., C] -> [..., C, C]."""
-        # Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and could overflow exp.
-        return jnp.exp(jnp.where(same_n, gcum_n[..., :, None] - gcum_n[..., None, :], -jnp.inf))
-
-    def wy_inverse(xs: tuple[jax.Array, ...]) -> jax.Array:
-        """T = (I + M)^-1 for a group of G chunks: [G, B, Hk, r, C, C]."""
-        k_n, beta_n, gcum_n, same_n = xs
-        kk = _share_across_value_heads(jnp.einsum("nbihd,nbjhd->nbhij", k_n, k_n), r)
-        m = beta_n[..., :, None] * kk * decay_matrix(gcum_n, same_n & ~jnp.eye(c, dtype=bool))
-        return _unit_lower_inverse(m)
-
-    # The row-by-row solve makes C passes over its [C, C] matrices: group chunks so those stay in cache (one
-    # pass over all chunks at once was the largest single cost at L = 8192).
-    group = max(1, _CACHE_BYTES // (b * hv * c * c * 4))
-    group = max(d for d in range(1, min(group, n) + 1) if n % d == 0)
-    grouped = lambda x: x.reshape(n // group, group, *x.shape[1:])
-    t = jax.lax.map(wy_inverse, tuple(map(grouped, (k, beta, gcum, same)))).reshape(n, b, hk, r, c, c)
 
     # Per-position scalings, all <= 1 in magnitude since G <= 0 (no overflow for strong decay).
     decay_from_start = jnp.exp(gcum)
@@ -204,13 +183,19 @@ def gated_delta_rule_xla(
 
     def chunk_step(s, xs):
         # s is the transposed state S^T [B, Hk, r, dv, dk], the layout the update matmul produces.
-        q_n, k_n, v_n, t_n, same_n, gcum_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
+        q_n, k_n, v_n, beta_n, same_n, gcum_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
+        # D [B, Hk, r, C, C]. Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and
+        # could overflow exp.
+        decay = jnp.exp(jnp.where(same_n, gcum_n[..., :, None] - gcum_n[..., None, :], -jnp.inf))
+        # T does not depend on the state: XLA runs its row loop alongside the K S and Q S matmuls.
+        kk = _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", k_n, k_n), r)
+        t_n = _unit_lower_inverse(jnp.where(strictly_lower, beta_n[..., :, None] * kk * decay, 0.0))
         # V' = U - W S = T (beta V - w_scale * (K S)): T is applied once, to the corrected values.
         residual = jnp.moveaxis(v_n, 1, 3) - w_scale_n[..., None] * jnp.einsum("bchd,bhred->bhrce", k_n, s)
         v_new = jnp.einsum("bhrij,bhrje->bhrie", t_n, residual)  # [B, Hk, r, C, dv]
         qk = _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", q_n, k_n), r)
         o = q_scale_n[..., None] * jnp.einsum("bchd,bhred->bhrce", q_n, s)
-        o = o + jnp.einsum("bhrij,bhrje->bhrie", scale * qk * decay_matrix(gcum_n, same_n), v_new)
+        o = o + jnp.einsum("bhrij,bhrje->bhrie", scale * qk * decay, v_new)
         s = chunk_decay_n[..., None, None] * s + jnp.einsum(
             "bhrce,bchd->bhred", to_end_n[..., None] * v_new, k_n
         )
@@ -220,7 +205,7 @@ def gated_delta_rule_xla(
         s0 = jnp.zeros((b, hk, r, dv, dk), f32)
     else:
         s0 = jnp.swapaxes(initial_state.astype(f32).reshape(b, hk, r, dk, dv), -1, -2)
-    xs = (q, k, v_scaled, t, same, gcum, q_scale, w_scale, to_end, chunk_decay)
+    xs = (q, k, v_scaled, beta, same, gcum, q_scale, w_scale, to_end, chunk_decay)
     # Rematerialise the step in the backward pass: autodiff then keeps only the per-chunk start states.
     s_final, o = jax.lax.scan(jax.checkpoint(chunk_step), s0, xs)
     o = jnp.swapaxes(o, 0, 1).reshape(b, n * c, hv, dv)[:, :length]
