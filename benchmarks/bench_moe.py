@@ -212,6 +212,8 @@ def main() -> None:
     peak = 2 * 2048**3 / best[("peak",)] / 1e9
     print(f"\nload average (1 min) before/after timing: {load0:.1f} / {load1:.1f} on {os.cpu_count()} cores")
     print(f"f32 matmul peak (jnp 2048^3): {peak:.0f} GFLOP/s")
+    print("experts = routed experts only (same routing on both sides); block = whole sparse MoE block "
+          "(router + routed experts + gated shared expert; qwax side built with jnp around routed_experts)")
     hdr = f"{'E':>4} {'pass':>8} | {'qwax experts':>22} | {'torch experts':>22} | {'torch/qwax':>10} | " \
           f"{'qwax block':>10} | {'torch block':>11} | {'torch/qwax':>10}"
     print(hdr)

@@ -75,15 +75,19 @@ class Attention(nnx.Module):
         return out.reshape(b, lq, nq * d)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: KVCache | None = None, cache_index: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, cache_index: jax.Array | None = None,
+                 valid: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """x [B, L, H], cos/sin [B, L, rotary_dim] -> (y [B, L, H], updated cache or None).
 
         Without a cache, mask is [B, L, L]. With one, the new keys/values are written at slots
         [cache_index, cache_index + L) and the queries attend over all T slots: mask is [B, L, T].
+        valid [B, L] bool marks real tokens: padding slots of the cache hold zeros, so a cache does not depend
+        on how the prompt was split into prefill chunks.
         """
         q, k, v, gate = self.project_qkv(x, cos, sin)
         if cache is not None:
+            if valid is not None:
+                k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
             start = (0, cache_index, 0, 0)
             cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
                             v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))

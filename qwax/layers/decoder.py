@@ -72,7 +72,7 @@ class DecoderLayer(nnx.Module):
             h, state = self.linear_attn(h, ctx.valid, ctx.segment_ids, cache, ctx.keep_step_states)
             cache = None if cache is None else state
         else:
-            h, cache = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index)
+            h, cache = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index, ctx.valid)
         x = x + h
         h = self.post_attention_layernorm(x)
         if self.ffn == "moe":
