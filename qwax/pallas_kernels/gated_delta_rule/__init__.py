@@ -3,21 +3,36 @@
 Implementations:
   "reference": per-token `lax.scan` (reference.py), the oracle.
   "xla":       chunked form in plain JAX (xla.py); stores one state per chunk for autodiff.
-  "auto":      the best available for the current backend (currently "xla" everywhere).
+  "pallas":    chunked Pallas kernels with a custom VJP (pallas.py; TPU kernels in tpu.py, GPU kernels in gpu.py,
+               shared per-chunk math in chunk_math.py). On the CPU they run in interpret mode (slow: tests only).
+  "auto":      "pallas" on TPU/GPU backends, "xla" on the CPU.
 
-gated_delta_rule_step is the single-token decode step (the same recurrence, one token).
+gated_delta_rule_step is the single-token decode step (the same recurrence, one token); it has a Pallas kernel
+too ("pallas"/"auto" as above; "xla" and "reference" both mean the jnp step).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
+from qwax.pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas, gated_delta_rule_step_pallas
 from qwax.pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference, recurrent_step
 from qwax.pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "IMPLS"]
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas")
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, found {impl!r}")
+    if impl == "auto":
+        # Pallas does not compile for the CPU (interpret mode only, orders of magnitude slower).
+        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    return impl
 
 
 def _check_shape(name: str, x: jax.Array, expected: tuple[int, ...], meaning: str) -> None:
@@ -62,6 +77,8 @@ def gated_delta_rule(
     segment_ids: jax.Array | None = None,
     chunk_size: int = 64,
     impl: str = "auto",
+    backend: str | None = None,
+    interpret: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule over a sequence.
 
@@ -78,6 +95,10 @@ def gated_delta_rule(
         position (packed documents).
       chunk_size: chunk length of the chunked implementations.
       impl: one of IMPLS.
+      backend: impl="pallas" only: kernel family "tpu" | "gpu"; None follows `jax.default_backend()` (the TPU
+        kernels on the CPU). Tests use it to run both families on the CPU.
+      interpret: impl="pallas" only: passed to `pl.pallas_call`; None means interpret mode on the CPU
+        (`pltpu.InterpretParams()` for the TPU kernels, True for the GPU kernels) and compiled kernels elsewhere.
 
     Returns:
       (o [B, L, Hv, dv] in v.dtype, final_state [B, Hv, dk, dv] float32). Internal math is float32.
@@ -87,14 +108,15 @@ def gated_delta_rule(
         _check_shape("segment_ids", segment_ids, q.shape[:2], "[B, L]")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, found {chunk_size!r}")
-    if impl == "auto":
-        impl = "xla"  # a backend-specific kernel (e.g. Pallas on TPU/GPU) would be chosen here
+    impl = _resolve_impl(impl)
     kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
     if impl == "xla":
         return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
-    raise ValueError(f"impl must be one of {IMPLS}, found {impl!r}")
+    return gated_delta_rule_pallas(
+        q, k, v, g, beta, chunk_size=chunk_size, backend=backend, interpret=interpret, **kwargs
+    )
 
 
 def gated_delta_rule_step(
@@ -106,6 +128,9 @@ def gated_delta_rule_step(
     state: jax.Array,
     *,
     scale: float | None = None,
+    impl: str = "auto",
+    backend: str | None = None,
+    interpret: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One token of the gated delta rule (single-token decode), the same recurrence as `gated_delta_rule`.
 
@@ -113,9 +138,14 @@ def gated_delta_rule_step(
       q, k: [B, Hk, dk], already L2-normalised. v: [B, Hv, dv]. g, beta: [B, Hv].
       state: [B, Hv, dk, dv], the running state (float32).
       scale: multiplies the read; defaults to dk ** -0.5.
+      impl: one of IMPLS; "pallas" is a decode kernel (forward only), "xla" and "reference" the jnp step.
+      backend, interpret: as in `gated_delta_rule` (impl="pallas" only).
 
     Returns:
       (o [B, Hv, dv] in v.dtype, new_state [B, Hv, dk, dv] float32).
     """
     _validate_heads(q, k, v, g, beta, state, "B", "state")
+    if _resolve_impl(impl) == "pallas":
+        return gated_delta_rule_step_pallas(q, k, v, g, beta, state, scale=scale, backend=backend,
+                                            interpret=interpret)
     return recurrent_step(q, k, v, g, beta, state, scale=scale)

@@ -1,0 +1,123 @@
+"""Gated delta rule Pallas kernels (impl="pallas") against the per-token reference, in interpret mode on the CPU.
+
+Both kernel families run here: the TPU kernels under `pltpu.InterpretParams()` and the GPU kernels under plain
+`interpret=True`. Interpret mode is slow (the TPU one ~200x jnp), so shapes are tiny (B = 2, Hk = 1, Hv = 2,
+dk = 16, dv = 8) and each test compiles one function that returns outputs and gradients together.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qwax
+from qwax.pallas_kernels import gated_delta_rule, gated_delta_rule_step
+from qwax.pallas_kernels.gated_delta_rule.reference import recurrent_step
+
+from .test_gated_delta_rule import max_abs, numpy_oracle
+from .test_gated_delta_rule import make_inputs as make_inputs_2x4
+
+BACKENDS = ("tpu", "gpu")
+ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+
+
+def make_inputs(seed: int, length: int):
+    """make_inputs of test_gated_delta_rule cut to Hk = 1, Hv = 2 (grouped values); state row 0 zero, row 1 not."""
+    q, k, v, g, beta, state = make_inputs_2x4(seed, length)
+    return q[:, :, :1], k[:, :, :1], v[:, :, :2], g[..., :2], beta[..., :2], state[:, :2]
+
+
+def _weights(o_shape, s_shape):
+    rng = np.random.default_rng(1)
+    return rng.standard_normal(o_shape).astype(np.float32), rng.standard_normal(s_shape).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "backend"))
+def outputs_and_grads(q, k, v, g, beta, state, segment_ids, w_o, w_s, *, impl, backend=None):
+    """(o, final_state, grads of sum(o * w_o) + sum(s * w_s) w.r.t. q, k, v, g, beta, state), one compilation."""
+
+    def f(q, k, v, g, beta, state):
+        return gated_delta_rule(
+            q, k, v, g, beta, initial_state=state, segment_ids=segment_ids, impl=impl, backend=backend
+        )
+
+    (o, s), pullback = jax.vjp(f, q, k, v, g, beta, state)
+    return o, s, pullback((w_o, w_s))
+
+
+def _check(backend, inputs, segment_ids):
+    length = inputs[0].shape[1]
+    b, hv, dk, dv = inputs[5].shape
+    w_o, w_s = _weights((b, length, hv, dv), (b, hv, dk, dv))
+    o, s, grads = outputs_and_grads(*inputs, segment_ids, w_o, w_s, impl="pallas", backend=backend)
+    o_ref, s_ref, grads_ref = outputs_and_grads(*inputs, segment_ids, w_o, w_s, impl="reference")
+    assert o.shape == o_ref.shape and s.shape == s_ref.shape
+    assert max_abs(o, o_ref) <= 1e-4 and max_abs(s, s_ref) <= 1e-4
+    for name, got, expected in zip(ARG_NAMES, grads, grads_ref):
+        rel = max_abs(got, expected) / float(jnp.max(jnp.abs(expected)))
+        assert rel <= 1e-3, f"d/d{name}: relative error {rel:.2e}"
+    return o, s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("length", [1, 63, 64])
+def test_matches_reference_with_gradients(backend, length):
+    # One chunk (C = 8 for L = 1, else 64, padded for L = 63); L = 200 with several chunks is tested below.
+    _check(backend, make_inputs(length, length), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_segments_several_chunks_with_gradients(backend):
+    # L = 200: four chunks of 64, the last one padded; segment boundaries inside chunks and one on a chunk
+    # boundary (128); a length-1 document; row 1 reuses id 0 later (still a new segment).
+    lengths = [[37, 91, 1, 71], [150, 50]]
+    ids = [[0, 1, 2, 3], [0, 1]]
+    seg = np.stack([np.repeat(i, n) for i, n in zip(ids, lengths)]).astype(np.int32)
+    seg[1, 180:] = 0
+    inputs = make_inputs(5, 200)
+    o, s = _check(backend, inputs, seg)
+    # Each document equals running it alone (initial_state applies to the first document of a row only).
+    q, k, v, g, beta, state = inputs
+    for row in range(2):
+        bounds = np.flatnonzero(np.diff(seg[row])) + 1
+        pieces = np.split(np.arange(200), bounds)
+        for i, piece in enumerate(pieces):
+            args = [x[row : row + 1, piece] for x in (q, k, v, g, beta)]
+            o_piece, s_piece = numpy_oracle(*args, state[row : row + 1] if i == 0 else None)
+            assert max_abs(o[row : row + 1, piece], o_piece) <= 1e-4, (row, i)
+        assert max_abs(s[row : row + 1], s_piece) <= 1e-4, row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_step_kernel_matches_recurrent_step(backend):
+    q, k, v, g, beta, state = make_inputs(4, 1)
+    q, k, v, g, beta = (x[:, 0] for x in (q, k, v, g, beta))
+    step = jax.jit(functools.partial(gated_delta_rule_step, impl="pallas", backend=backend))
+    o, s = step(q, k, v, g, beta, state)
+    o_ref, s_ref = recurrent_step(q, k, v, g, beta, state)
+    assert o.shape == o_ref.shape and s.shape == s_ref.shape
+    assert max_abs(o, o_ref) <= 1e-5 and max_abs(s, s_ref) <= 1e-5
+
+
+def test_auto_picks_xla_on_cpu_and_unknown_backend_raises():
+    args = make_inputs(8, 20)[:5]
+    trace = lambda impl: str(jax.make_jaxpr(functools.partial(gated_delta_rule, impl=impl))(*args))
+    assert trace("auto") == trace("xla")
+    with pytest.raises(ValueError, match="backend"):
+        gated_delta_rule(*args, impl="pallas", backend="cuda")
+
+
+def test_tiny_model_pallas_matches_xla():
+    cfg = qwax.get_preset("tiny-moe")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
+    logits = {}
+    for impl in ("xla", "pallas"):
+        model = qwax.QwaxForCausalLM(cfg.replace(gdn_impl=impl), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        logits[impl] = np.asarray(jax.jit(qwax.forward, static_argnums=0)(graphdef, params, ids).logits)
+    assert max_abs(logits["pallas"], logits["xla"]) <= 1e-4
