@@ -50,6 +50,12 @@ def _col(row: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(i == j, row, 0.0), axis=1, keepdims=True)
 
 
+def _lane(row: jax.Array, index: int) -> jax.Array:
+    """Element `index` of a [1, C] row as [1, 1], by a masked reduction (no unaligned lane slice)."""
+    lanes = jax.lax.broadcasted_iota(jnp.int32, row.shape, 1)
+    return jnp.sum(jnp.where(lanes == index, row, 0.0), axis=1, keepdims=True)
+
+
 def _row(col: jax.Array) -> jax.Array:
     """[C, 1] -> [1, C]."""
     i, j = _iotas(col.shape[0])
@@ -69,10 +75,11 @@ def unit_lower_inverse(a_t: jax.Array) -> jax.Array:
     """
     c = a_t.shape[0]
     i, j = _iotas(c)
+    lanes = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
 
     def step(r, t):
         a_r = jnp.sum(jnp.where(j == r, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]: row r of A, as a column
-        t_r = jnp.where(j[:1] == r, 1.0, 0.0) - jnp.sum(a_r * t, axis=0, keepdims=True)  # [1, C]
+        t_r = jnp.where(lanes == r, 1.0, 0.0) - jnp.sum(a_r * t, axis=0, keepdims=True)  # [1, C]
         return jnp.where(i == r, t_r, t)
 
     return jax.lax.fori_loop(0, c, step, jnp.zeros((c, c), _F32))
@@ -98,8 +105,9 @@ def _prepare(k, g_row, b_row, seg_row):
 def _scalings(g_col, b_col, g_row, f_row, l_row, scale):
     f_col, l_col = _col(f_row), _col(l_row)
     e = jnp.exp(g_col)  # <= 1: G <= 0
-    g_last = g_row[:, -1:]  # [1, 1]
-    chunk_decay = f_row[:, -1:] * jnp.exp(g_last)  # [1, 1]; 0 if a segment starts inside the chunk
+    c = g_row.shape[-1]
+    g_last = _lane(g_row, c - 1)  # [1, 1]
+    chunk_decay = _lane(f_row, c - 1) * jnp.exp(g_last)  # [1, 1]; 0 if a segment starts inside the chunk
     to_end = l_col * jnp.exp(g_last - g_col)  # [C, 1]; <= 1 since G is non-increasing
     return dict(f_col=f_col, e=e, q_scale=scale * f_col * e, w=f_col * b_col * e, chunk_decay=chunk_decay,
                 to_end=to_end)
