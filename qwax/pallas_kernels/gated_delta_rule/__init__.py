@@ -109,6 +109,8 @@ def gated_delta_rule(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, found {chunk_size!r}")
     impl = _resolve_impl(impl)
+    if impl == "pallas" and chunk_size % 8:
+        raise ValueError(f"chunk_size must be a multiple of 8 (TPU sublanes) for impl='pallas', found {chunk_size}")
     kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)

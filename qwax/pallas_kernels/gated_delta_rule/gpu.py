@@ -21,16 +21,19 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from qwax.pallas_kernels.gated_delta_rule.chunk_math import chunk_backward, chunk_forward, decode_step
 
 _F32 = jnp.float32
+# Triton compiler params also select the Triton lowering (not Mosaic GPU) for these kernels.
+_PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
 
 def _specs(hk, hv, n, c, dk, dv):
     """BlockSpecs for grid (B, Hv): a program's whole sequence."""
     r = hv // hk
-    key = pl.BlockSpec((None, None, n, c, dk), lambda bi, h: (bi, h // r, 0, 0, 0))
+    key = pl.BlockSpec((None, None, n, c, dk), lambda bi, h: (bi, jax.lax.div(h, r), 0, 0, 0))
     val = lambda d: pl.BlockSpec((None, None, n, c, d), lambda bi, h: (bi, h, 0, 0, 0))
     gate = pl.BlockSpec((None, None, n, c), lambda bi, h: (bi, h, 0, 0))
     seg = pl.BlockSpec((None, n, c), lambda bi, h: (bi, 0, 0))
@@ -74,6 +77,7 @@ def forward(q, k, v, g, beta, seg, first, last, s0, *, scale: float, with_states
         in_specs=[key, key, val(dv), gate, gate, segs, segs, segs, state],
         out_specs=out_specs,
         out_shape=out_shape,
+        compiler_params=_PARAMS,
         interpret=interpret,
         name="qwax_gdr_fwd_gpu",
     )(q, k, v, g, beta, seg, first, last, s0)
@@ -118,6 +122,7 @@ def backward(q, k, v, g, beta, seg, first, last, states, do, ds_final, *, scale:
         in_specs=[key, key, val(dv), gate, gate, segs, segs, segs, chunk_states, val(dv), state],
         out_specs=[val(dk), val(dk), val(dv), gate, gate, state],
         out_shape=out_shape,
+        compiler_params=_PARAMS,
         interpret=interpret,
         name="qwax_gdr_bwd_gpu",
     )(q, k, v, g, beta, seg, first, last, states, do, ds_final)
@@ -135,7 +140,7 @@ def decode(q, k, v, g, beta, state, *, scale: float, interpret: bool = False):
     b, hk, dk, _ = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     r = hv // hk
-    key = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, h // r, 0, 0))
+    key = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, jax.lax.div(h, r), 0, 0))
     per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, h: (bi, h, 0, 0))
     return pl.pallas_call(
         functools.partial(_decode_kernel, scale=scale),
@@ -144,6 +149,7 @@ def decode(q, k, v, g, beta, state, *, scale: float, interpret: bool = False):
         out_specs=[per_head(1, dv), per_head(dk, dv)],
         out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), _F32), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)],
         input_output_aliases={5: 1},
+        compiler_params=_PARAMS,
         interpret=interpret,
         name="qwax_gdr_decode_gpu",
     )(q, k, v, g, beta, state)

@@ -27,7 +27,7 @@ BACKENDS = ("tpu", "gpu")
 
 
 def resolve(backend: str | None, interpret: Any) -> tuple[Any, Any]:
-    """(kernel module, interpret argument).
+    """(kernel family "tpu" | "gpu", interpret argument).
 
     backend: "tpu" | "gpu" | None (from `jax.default_backend()`; the TPU kernels on the CPU).
     interpret: None picks interpret mode on the CPU only (`pltpu.InterpretParams()` for the TPU kernels, True
@@ -45,12 +45,15 @@ def resolve(backend: str | None, interpret: Any) -> tuple[Any, Any]:
             interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
         else:
             interpret = True
-    return (tpu if backend == "tpu" else gpu), (False if interpret is None else interpret)
+    return backend, (False if interpret is None else interpret)
 
 
-def _chunk_len(length: int, chunk_size: int) -> int:
-    """Chunk length: chunk_size, or the length rounded up to a multiple of 8 (TPU sublanes) when shorter."""
-    return min(chunk_size, -(-length // 8) * 8)
+def _chunk_len(length: int, chunk_size: int, backend: str) -> int:
+    """Chunk length C: chunk_size, or for shorter sequences the length rounded up to what the kernels' blocks
+    need: a multiple of 8 (TPU sublanes), or a power of two >= 16 (Triton value shapes and tl.dot)."""
+    if backend == "tpu":
+        return min(chunk_size, -(-length // 8) * 8)
+    return min(chunk_size, max(16, 1 << (length - 1).bit_length()))
 
 
 def _segment_rows(segment_ids: jax.Array | None, b: int, n: int, c: int, pad: int):
@@ -118,17 +121,19 @@ def gated_delta_rule_pallas(
 
     Args:
       q, k: [B, L, Hk, dk]; v: [B, L, Hv, dv]; g, beta: [B, L, Hv]; initial_state: [B, Hv, dk, dv] or None;
-      segment_ids: [B, L] or None. chunk_size: C (capped at L rounded up to a multiple of 8).
+      segment_ids: [B, L] or None. chunk_size: C, a multiple of 8 (a power of two for the GPU kernels); shorter
+        sequences use one chunk of the length rounded up (see `_chunk_len`).
       backend, interpret: see `resolve`.
 
     Returns:
       (o [B, L, Hv, dv] in v.dtype, final_state [B, Hv, dk, dv] float32).
     """
-    lib, interpret = resolve(backend, interpret)
+    backend, interpret = resolve(backend, interpret)
+    lib = tpu if backend == "tpu" else gpu
     b, length, hk, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     scale = dk**-0.5 if scale is None else float(scale)
-    c = _chunk_len(length, chunk_size)
+    c = _chunk_len(length, chunk_size, backend)
     n = -(-length // c)
     pad = n * c - length
 
@@ -163,7 +168,8 @@ def gated_delta_rule_step_pallas(
     q, k [B, Hk, dk]; v [B, Hv, dv]; g, beta [B, Hv]; state [B, Hv, dk, dv]. Returns (o [B, Hv, dv] in v.dtype,
     new state float32). Forward only (decoding is not differentiated).
     """
-    lib, interpret = resolve(backend, interpret)
+    backend, interpret = resolve(backend, interpret)
+    lib = tpu if backend == "tpu" else gpu
     dk = q.shape[-1]
     scale = dk**-0.5 if scale is None else float(scale)
     o, s = lib.decode(

@@ -70,7 +70,7 @@ def _specs(b, hk, hv, n, c, dk, dv, *, reverse: bool):
     """BlockSpecs for grid (B, Hv, N); chunk index n -> N - 1 - n when walking backward."""
     r = hv // hk
     chunk = (lambda i: n - 1 - i) if reverse else (lambda i: i)
-    key = pl.BlockSpec((None, None, None, c, dk), lambda bi, h, i: (bi, h // r, chunk(i), 0, 0))
+    key = pl.BlockSpec((None, None, None, c, dk), lambda bi, h, i: (bi, jax.lax.div(h, r), chunk(i), 0, 0))
     val = lambda d: pl.BlockSpec((None, None, None, c, d), lambda bi, h, i: (bi, h, chunk(i), 0, 0))
     gate = pl.BlockSpec((None, None, n, c), lambda bi, h, i: (bi, h, 0, 0))
     seg = pl.BlockSpec((None, n, c), lambda bi, h, i: (bi, 0, 0))
@@ -183,7 +183,7 @@ def decode(q, k, v, g, beta, state, *, scale: float, interpret: Any = False):
     b, hk, dk, _ = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     r = hv // hk
-    key = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, h // r, 0, 0))
+    key = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, jax.lax.div(h, r), 0, 0))
     per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, h: (bi, h, 0, 0))
     return pl.pallas_call(
         functools.partial(_decode_kernel, scale=scale),
