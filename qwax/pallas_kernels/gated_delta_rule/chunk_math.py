@@ -62,27 +62,49 @@ def _row(col: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(i == j, col, 0.0), axis=0, keepdims=True)
 
 
-def unit_lower_inverse(a_t: jax.Array) -> jax.Array:
-    """T = (I + A)^-1 for strictly lower-triangular A, given A^T [C, C] (strictly upper).
+_INVERSE_BLOCK = 16
 
-    Forward substitution, one row per step: T_i = e_i - A_i T (A_i is zero from column i on, so only the rows
-    of T already computed contribute). Row i of A is column i of A^T, taken by a masked lane reduction, and the
-    row-times-matrix product is a broadcast multiply plus a sublane reduction, so each step is O(C^2) vector
-    work and no matmul with one row (which Triton does not lower). The log-step product
-    (I - A)(I + A^2)(I + A^4)... would use only matmuls, but its partial powers of A grow like binomial
-    coefficients when keys repeat (A -> all ones below the diagonal), and the cancellation loses every digit
-    in float32; substitution stays exact up to rounding.
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """T = (I + A)^-1 for strictly lower-triangular A [C, C], with matmuls only (MXU / tl.dot).
+
+    1. Diagonal blocks of 16 (all at once): forward substitution where step s finalises row s of every block,
+       T_i = e_i - A_bd[i] T (A_bd: A's diagonal blocks; row i only reads rows already final). Each step is one
+       [C, C] matmul whose other rows are discarded: 16 sequential matmuls instead of C dependent row updates.
+    2. Merge: I + A = (I + A_bd)(I + N) with N = T_bd A_off (A_off: A below the diagonal blocks), so
+       T = (I + N)^-1 T_bd, and N is nilpotent of degree nb = C / 16: (I + N)^-1 = (I - N)(I + N^2)(I + N^4)...
+       with log2(nb) factors (4 matmuls in all at C = 64).
+    The plain log-step product (I - A)(I + A^2)(I + A^4)... over the whole chunk would be shorter, but its
+    partial powers grow like binomial coefficients when keys repeat (A -> all ones below the diagonal,
+    C(63, 31) ~ 1e18 at C = 64) and cancellation loses every digit in float32. Substitution inside blocks is
+    exact up to rounding, and the merge only has powers of N up to nb - 1 (3 at C = 64), whose entries stay
+    small in that case (T_bd A_off has entries of size 1 there).
     """
-    c = a_t.shape[0]
+    c = a.shape[0]
     i, j = _iotas(c)
-    lanes = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    bs = _INVERSE_BLOCK if c % _INVERSE_BLOCK == 0 and c > _INVERSE_BLOCK else c
+    eye = jnp.where(i == j, 1.0, 0.0)
+    if bs == c:
+        a_bd, pos = a, i
+    else:
+        shift = bs.bit_length() - 1  # bs is a power of two: shifts and masks, no vector integer division
+        same_block = jax.lax.shift_right_logical(i, shift) == jax.lax.shift_right_logical(j, shift)
+        a_bd, pos = jnp.where(same_block, a, 0.0), i & (bs - 1)
 
-    def step(r, t):
-        a_r = jnp.sum(jnp.where(j == r, a_t, 0.0), axis=1, keepdims=True)  # [C, 1]: row r of A, as a column
-        t_r = jnp.where(lanes == r, 1.0, 0.0) - jnp.sum(a_r * t, axis=0, keepdims=True)  # [1, C]
-        return jnp.where(i == r, t_r, t)
+    def step(s, t):
+        return jnp.where(pos == s, eye - _dot(a_bd, t), t)
 
-    return jax.lax.fori_loop(0, c, step, jnp.zeros((c, c), _F32))
+    t = jax.lax.fori_loop(0, bs, step, jnp.zeros((c, c), _F32))
+    if bs == c:
+        return t
+    n = _dot(t, jnp.where(same_block, 0.0, a))
+    t = t - _dot(n, t)  # (I - N) T_bd
+    power, reach = n, 2
+    while reach < c // bs:  # N^(2^m) is zero once 2^m >= nb
+        power = _dot(power, power)
+        t = t + _dot(power, t)
+        reach *= 2
+    return t
 
 
 def _prepare(k, g_row, b_row, seg_row):
@@ -94,11 +116,7 @@ def _prepare(k, g_row, b_row, seg_row):
     # Mask the exponent, not the result: G_i - G_j >= 0 above the diagonal and could overflow exp.
     decay = jnp.where(same, jnp.exp(jnp.where(same, g_col - g_row, 0.0)), 0.0)
     kk = _dot(k, k, _NT)
-    # A^T built directly (kk is symmetric; D^T_ij = exp(G_j - G_i) on j >= i): no value transpose needed.
-    same_t = (j >= i) & (seg_row == seg_col)
-    decay_t = jnp.where(same_t, jnp.exp(jnp.where(same_t, g_row - g_col, 0.0)), 0.0)
-    a_t = jnp.where(j > i, b_row * kk * decay_t, 0.0)
-    t = unit_lower_inverse(a_t)
+    t = unit_lower_inverse(jnp.where(i > j, b_col * kk * decay, 0.0))
     return dict(g_col=g_col, b_col=b_col, decay=decay, kk=kk, t=t)
 
 
