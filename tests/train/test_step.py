@@ -126,6 +126,22 @@ def test_mtp_loss_trains_the_mtp_head():
     assert not np.array_equal(new["mtp"]["fc"]["kernel"][...], fc_before)
 
 
+def test_training_with_the_mtp_loss_lowers_the_main_and_the_mtp_loss():
+    graphdef, params = nnx.split(small_model("tiny-dense", mtp_num_hidden_layers=1))
+    opt = make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=30)
+    step = jax.jit(make_train_step(graphdef, opt, LossWeights(0.0, mtp_loss_weight=0.3)))
+    batch = _batch(np.random.default_rng(0), 1, 2, 32, vocab=8)  # 8 symbols: learnable within a few steps
+    batch["weights"] = np.ones_like(batch["weights"])
+    state = opt.init(params)
+    ce, mtp = [], []
+    for i in range(15):
+        params, state, m = step(params, state, batch, jax.random.key(i))
+        ce.append(float(m["ce"]))
+        mtp.append(float(m["mtp_loss"]))
+    assert ce[-1] < ce[0] - 1.0, ce
+    assert mtp[-1] < mtp[0] - 1.0, mtp
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_weight_decay_mask_skips_norms_biases_A_log_and_dt_bias(scan):
     model = small_model(num_hidden_layers=4, full_attention_interval=2, scan_layers=scan, mtp_num_hidden_layers=1)
