@@ -2,9 +2,9 @@
 
 Every function here works on values already loaded from refs, one (batch, value head, chunk) at a time, and uses
 only ops that both Mosaic (TPU) and Triton (GPU) lower: 2-D matmuls with float32 accumulation (`_dot`), iota,
-compare/select, exp and reductions along one axis. In particular there is no triangular solve, no transpose of a
-value (transposed products are expressed as dot_general contractions) and no cumulative sum: the cumulative log
-decays arrive precomputed.
+compare/select, shifts, exp and reductions along one axis. In particular there is no triangular solve (T comes
+from `unit_lower_inverse`, matmuls only), no transpose of a value (transposed products are dot_general
+contractions) and no cumulative sum: the cumulative log decays arrive precomputed.
 
 Notation (as xla.py, ARCHITECTURE.md §4.5), for C positions i, j of one chunk, start state S [dk, dv]:
 

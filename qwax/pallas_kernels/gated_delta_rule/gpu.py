@@ -7,11 +7,13 @@ pass) as the loop carry. The program's whole [N, C, d] slab is its block; each i
 chunk ([C, d], dynamic index on the leading axis). Value head h reads key head h // (Hv // Hk) through the
 index maps.
 
-Triton needs power-of-two value shapes: C, dk and dv must be powers of two (>= 16 for its matmuls) on a real
-GPU; the wrapper's chunk sizes are.
+Triton needs power-of-two value shapes: C, dk and dv must be powers of two (>= 16 for tl.dot) on a real GPU;
+the wrapper's chunk lengths are. Triton compiler params are passed so that Pallas picks its Triton lowering.
 
-Verified: values and gradients in plain Pallas interpret mode (`interpret=True`) on the CPU, against the
-per-token reference. Not verified here: Triton lowering and speed on a real GPU (none available).
+Verified here (CPU only, no GPU available): values and gradients in plain Pallas interpret mode
+(`interpret=True`) against the per-token reference, and the Pallas -> Triton IR lowering at dk = dv = 128,
+C = 64 via `jax.export(..., platforms=["cuda"])`. Not verified: Triton's compilation to PTX, shared-memory
+limits for these block sizes, and speed.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, seg_ref, f_ref, l_ref, s0_ref
             q_ref[n].astype(_F32), k_ref[n].astype(_F32), v_ref[n].astype(_F32),
             row(g_ref), row(b_ref), row(seg_ref), row(f_ref), row(l_ref), s, scale=scale,
         )
-        o_ref[n] = o
+        o_ref[n] = o.astype(o_ref.dtype)
         return s_next
 
     sfin_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...])
@@ -65,7 +67,7 @@ def forward(q, k, v, g, beta, seg, first, last, s0, *, scale: float, with_states
     b, hk, n, c, dk = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     key, val, gate, segs, state, chunk_states = _specs(hk, hv, n, c, dk, dv)
-    out_shape = [jax.ShapeDtypeStruct((b, hv, n, c, dv), _F32), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)]
+    out_shape = [jax.ShapeDtypeStruct((b, hv, n, c, dv), v.dtype), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)]
     out_specs = [val(dv), state]
     if with_states:
         out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), _F32))
@@ -90,8 +92,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, seg_ref, f_ref, l_ref, st_ref
         row = lambda ref: ref[pl.ds(n, 1), :]
         dq, dk, dv, dg, db, ds = chunk_backward(
             q_ref[n].astype(_F32), k_ref[n].astype(_F32), v_ref[n].astype(_F32),
-            row(g_ref), row(b_ref), row(seg_ref), row(f_ref), row(l_ref), st_ref[n], do_ref[n], ds_next,
-            scale=scale,
+            row(g_ref), row(b_ref), row(seg_ref), row(f_ref), row(l_ref), st_ref[n], do_ref[n].astype(_F32),
+            ds_next, scale=scale,
         )
         dq_ref[n] = dq
         dk_ref[n] = dk
@@ -131,7 +133,7 @@ def backward(q, k, v, g, beta, seg, first, last, states, do, ds_final, *, scale:
 def _decode_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s_ref, o_ref, s_out_ref, *, scale):
     o, s = decode_step(q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32),
                        g_ref[...], b_ref[...], s_ref[...], scale=scale)
-    o_ref[...] = o
+    o_ref[...] = o.astype(o_ref.dtype)
     s_out_ref[...] = s
 
 
@@ -147,7 +149,7 @@ def decode(q, k, v, g, beta, state, *, scale: float, interpret: bool = False):
         grid=(b, hv),
         in_specs=[key, key, per_head(1, dv), per_head(1, 1), per_head(1, 1), per_head(dk, dv)],
         out_specs=[per_head(1, dv), per_head(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), _F32), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), v.dtype), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)],
         input_output_aliases={5: 1},
         compiler_params=_PARAMS,
         interpret=interpret,

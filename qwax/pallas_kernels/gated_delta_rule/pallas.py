@@ -138,10 +138,13 @@ def gated_delta_rule_pallas(
     pad = n * c - length
 
     def chunked(x: jax.Array) -> jax.Array:  # [B, L, H, ...] -> [B, H, N, C, ...], zero-padded
-        x = jnp.pad(x.astype(_F32), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         x = jnp.moveaxis(x, 1, 2)
         return x.reshape(*x.shape[:2], n, c, *x.shape[3:])
 
+    # q, k, v keep their dtype (the kernels upcast each block after loading it: half the HBM traffic for bf16);
+    # the gates are float32 from here on.
+    g, beta = g.astype(_F32), beta.astype(_F32)
     gcum = jnp.cumsum(chunked(g), axis=-1)
     seg, first, last = _segment_rows(segment_ids, b, n, c, pad)
     s0 = jnp.zeros((b, hv, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
@@ -173,7 +176,7 @@ def gated_delta_rule_step_pallas(
     dk = q.shape[-1]
     scale = dk**-0.5 if scale is None else float(scale)
     o, s = lib.decode(
-        q.astype(_F32)[..., None], k.astype(_F32)[..., None], v.astype(_F32)[:, :, None],
+        q[..., None], k[..., None], v[:, :, None],
         g.astype(_F32)[..., None, None], beta.astype(_F32)[..., None, None], state.astype(_F32),
         scale=scale, interpret=interpret,
     )

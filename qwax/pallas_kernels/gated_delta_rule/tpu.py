@@ -9,7 +9,9 @@ state [dk, dv] float32 in a VMEM scratch. Value head h reads key head h // (Hv /
 maps, so keys are never repeated in HBM. q/k/v/o blocks are one chunk [C, d]; with C a multiple of 8 and
 d = 128 (or d the full head dim) they satisfy the (8, 128) tiling. The per-position scalars of a whole
 (batch, head) row, [N, C], are one block whose index does not change along the chunk axis, so it is DMAed
-once per row; the kernel reads its chunk's row with a dynamic sublane slice. Optionally each chunk's start
+once per row; the kernel reads its chunk's row with a dynamic sublane slice. (VMEM: an [N, C] f32 block pads
+C = 64 to 128 lanes, 512 KB per buffer at L = 64k; five such inputs double-buffered, seven in the backward,
+stay well inside the default scoped VMEM up to that length.) Optionally each chunk's start
 state is written out ([B, Hv, N, dk, dv]) for the backward pass.
 
 Backward: the same grid walking the chunks in reverse (index maps use N - 1 - n) and carrying dS, the
@@ -19,11 +21,16 @@ heads of each key head (several programs must not accumulate into one block).
 
 Decode: grid (B, Hv), one [dk, dv] state block per program, state aliased in place (input_output_aliases).
 
-Verified: values and gradients in TPU interpret mode (`pltpu.InterpretParams()`) on the CPU, against the
-per-token reference (tests/pallas_kernels/test_gated_delta_rule_pallas.py). Not verified here: Mosaic lowering
-and speed on real TPU hardware (none available). The kernels use only ops Mosaic supports as far as we know
-(2-D dot_general with transposed operands, iota, select, exp, single-axis reductions, dynamic sublane slices
-of refs), but a lowering failure on some shape would only show on a TPU.
+Verified here (CPU only, no TPU available):
+- values and gradients in TPU interpret mode (`pltpu.InterpretParams()`) against the per-token reference, and a
+  tiny model's logits and parameter gradients against impl="xla"
+  (tests/pallas_kernels/test_gated_delta_rule_pallas.py);
+- the Pallas -> Mosaic lowering (done in Python) at real head sizes, dk = dv = 128 and C = 64, via
+  `jax.export(..., platforms=["tpu"])`: every op has a Mosaic lowering rule.
+Not verified: Mosaic's own compiler passes (vector layouts, in libtpu), which can still reject a shape or op
+combination, and speed. Untested choices a TPU run should look at first: the transposed-lhs contractions
+(K^T X), the dynamic one-row sublane slices of the [N, C] gate blocks, and whether the 16 dependent [C, C]
+matmuls of the triangular inverse (chunk_math.unit_lower_inverse) dominate a chunk's time.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, seg_ref, f_ref, l_ref, s0_ref
         q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32),
         row(g_ref), row(b_ref), row(seg_ref), row(f_ref), row(l_ref), s, scale=scale,
     )
-    o_ref[...] = o
+    o_ref[...] = o.astype(o_ref.dtype)
     s_scr[...] = s_next
 
     @pl.when(n == num_chunks - 1)
@@ -85,13 +92,13 @@ _PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arb
 def forward(q, k, v, g, beta, seg, first, last, s0, *, scale: float, with_states: bool, interpret: Any = False):
     """Chunked forward. Shapes as the module docstring.
 
-    Returns (o [B, Hv, N, C, dv] float32, final state [B, Hv, dk, dv], and if with_states the chunk start
+    Returns (o [B, Hv, N, C, dv] in v.dtype, final state [B, Hv, dk, dv], and if with_states the chunk start
     states [B, Hv, N, dk, dv]).
     """
     b, hk, n, c, dk = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     key, val, gate, segs, state, chunk_state = _specs(b, hk, hv, n, c, dk, dv, reverse=False)
-    out_shape = [jax.ShapeDtypeStruct((b, hv, n, c, dv), _F32), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)]
+    out_shape = [jax.ShapeDtypeStruct((b, hv, n, c, dv), v.dtype), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)]
     out_specs = [val(dv), state]
     if with_states:
         out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), _F32))
@@ -122,8 +129,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, seg_ref, f_ref, l_ref, st_ref
     row = lambda ref: ref[pl.ds(n, 1), :]
     dq, dk, dv, dg, db, ds = chunk_backward(
         q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32),
-        row(g_ref), row(b_ref), row(seg_ref), row(f_ref), row(l_ref), st_ref[...], do_ref[...], ds_scr[...],
-        scale=scale,
+        row(g_ref), row(b_ref), row(seg_ref), row(f_ref), row(l_ref), st_ref[...], do_ref[...].astype(_F32),
+        ds_scr[...], scale=scale,
     )
     dq_ref[...] = dq
     dk_ref[...] = dk
@@ -173,13 +180,13 @@ def backward(q, k, v, g, beta, seg, first, last, states, do, ds_final, *, scale:
 def _decode_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s_ref, o_ref, s_out_ref, *, scale):
     o, s = decode_step(q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32),
                        g_ref[...], b_ref[...], s_ref[...], scale=scale)
-    o_ref[...] = o
+    o_ref[...] = o.astype(o_ref.dtype)
     s_out_ref[...] = s
 
 
 def decode(q, k, v, g, beta, state, *, scale: float, interpret: Any = False):
     """Single-token step. q, k [B, Hk, dk, 1] (columns); v [B, Hv, 1, dv]; g, beta [B, Hv, 1, 1] float32;
-    state [B, Hv, dk, dv] float32. Returns (o [B, Hv, 1, dv] float32, new state [B, Hv, dk, dv])."""
+    state [B, Hv, dk, dv] float32. Returns (o [B, Hv, 1, dv] in v.dtype, new state [B, Hv, dk, dv])."""
     b, hk, dk, _ = q.shape
     hv, dv = v.shape[1], v.shape[-1]
     r = hv // hk
@@ -190,7 +197,7 @@ def decode(q, k, v, g, beta, state, *, scale: float, interpret: Any = False):
         grid=(b, hv),
         in_specs=[key, key, per_head(1, dv), per_head(1, 1), per_head(1, 1), per_head(dk, dv)],
         out_specs=[per_head(1, dv), per_head(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), _F32), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), v.dtype), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)],
         input_output_aliases={5: 1},  # the state is updated in place when the caller donates it
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
