@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwax import data as qdata
 from qwax.config import QwaxConfig
@@ -84,24 +85,104 @@ def load_tokenizer_for(recipe: Recipe, workdir: str, train_docs: list[str]):
     return tok
 
 
-def build_model(recipe: Recipe, vocab_size: int, eos: int) -> QwaxForCausalLM:
+def build_model(recipe: Recipe, vocab_size: int, eos: int, mesh: Mesh | None = None,
+                rules: Any = None) -> QwaxForCausalLM:
+    """The model of the recipe; with a mesh its parameters are built (or loaded) directly into their shards."""
     if recipe.init_from:
         from qwax.convert.hf import load_hf
-        model = load_hf(recipe.init_from, **dict(recipe.model_overrides))
+        placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
+        model = load_hf(recipe.init_from, **placement, **dict(recipe.model_overrides))
         if model.config.vocab_size < vocab_size:
             raise TrainingError(f"tokenizer has {vocab_size} tokens but the checkpoint {recipe.init_from!r} only "
                                 f"{model.config.vocab_size}")
         return model
     cfg = recipe.model_config(vocab_size).replace(eos_token_id=eos, pad_token_id=eos)
-    return QwaxForCausalLM(cfg, rngs=nnx.Rngs(recipe.seed))
+    if mesh is None:
+        return QwaxForCausalLM(cfg, rngs=nnx.Rngs(recipe.seed))
+    from qwax.sharding import init_sharded
+    graphdef, params, _ = init_sharded(cfg, mesh, rules, recipe.seed)  # the same values as on one device
+    return nnx.merge(graphdef, params)
 
 
-def sample_text(model: QwaxForCausalLM, tok, prompt: str, max_new_tokens: int, seed: int) -> str:
+def build_mesh(recipe: Recipe) -> tuple[Mesh, Any]:
+    """(mesh, rule table) of the recipe's `mesh` spec and `sharding_strategy` (default "fsdp")."""
+    from qwax.sharding import get_rules, make_mesh
+    try:
+        rules = get_rules(recipe.sharding_strategy or "fsdp")
+        mesh = make_mesh(recipe.mesh)
+    except (KeyError, ValueError) as e:
+        raise TrainingError(f"mesh={recipe.mesh!r} sharding_strategy={recipe.sharding_strategy!r}: "
+                            f"{e.args[0] if e.args else e} ({jax.device_count()} devices, "
+                            f"{jax.process_count()} processes; mesh= trains on one device without a mesh)") from None
+    return mesh, rules
+
+
+class BatchPlacement:
+    """Training and evaluation batches as global arrays sharded over the rules' batch axes.
+
+    Each process loads `batch_size` rows of its own documents (qwax.data shards them by process); the global
+    batch has batch_size x process_count rows, and every process supplies the rows its devices hold.
+    """
+
+    def __init__(self, mesh: Mesh, rules: Any, recipe: Recipe):
+        from qwax.sharding import logical_sharding
+        from qwax.sharding.mesh import mesh_sizes
+        from qwax.sharding.multihost import process_rows
+
+        pcount = jax.process_count()
+        rows, seq = recipe.batch_size * pcount, recipe.seq_len
+        sizes = mesh_sizes(mesh)
+        split = math.prod(sizes.get(a, 1) for a in rules["batch"])
+        if rows % split:
+            raise TrainingError(f"the global batch of {rows} rows (batch_size {recipe.batch_size} x "
+                                f"{pcount} processes) is not divisible by the batch axes "
+                                f"{'x'.join(f'{a}={sizes.get(a, 1)}' for a in rules['batch'])} of mesh "
+                                f"{recipe.mesh!r}: choose batch_size so that it is")
+        self.train = logical_sharding((None, "batch", "length"), (recipe.grad_accum, rows, seq), rules, mesh)
+        self.eval = logical_sharding(("batch", "length"), (rows, seq), rules, mesh)
+        local = len(process_rows(self.eval, rows, (seq,)))
+        if local != recipe.batch_size:
+            raise TrainingError(f"mesh {recipe.mesh!r}: the devices of process {jax.process_index()} hold {local} "
+                                f"rows of the global batch, but each process loads batch_size="
+                                f"{recipe.batch_size}: only the batch axes may span processes")
+        self.pcount = pcount
+
+    def _place(self, batch: dict, sharding: NamedSharding, dim: int) -> dict:
+        from qwax.sharding.multihost import global_array
+
+        def one(x):
+            shape = list(x.shape)
+            shape[dim] *= self.pcount
+            return global_array(x, sharding, tuple(shape))
+
+        return {k: one(v) for k, v in batch.items()}
+
+    def train_batch(self, batch: dict) -> dict:  # [grad_accum, batch_size, seq_len] arrays
+        return self._place(batch, self.train, 1)
+
+    def eval_batch(self, batch: dict) -> dict:  # [batch_size, seq_len] arrays
+        return self._place(batch, self.eval, 0)
+
+
+def _under_mesh(fn, mesh: Mesh, rules: Any):
+    """`fn` called (and so traced) with the mesh and rules active: activation constraints and expert parallelism."""
+    from qwax.sharding import use_sharding
+
+    def call(*args):
+        with use_sharding(mesh, rules):
+            return fn(*args)
+
+    return call
+
+
+def sample_text(model: QwaxForCausalLM, tok, prompt: str, max_new_tokens: int, seed: int, mesh: Mesh | None = None,
+                rules: Any = None) -> str:
     """A sampled continuation of `prompt` (temperature 0.8, top-p 0.95) decoded to text."""
     from qwax.inference.generate import generate
     ids = np.asarray([tok.encode(prompt).ids or [qdata.eos_id(tok)]], np.int32)
+    placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
     out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95,
-                   eos_token_id=qdata.eos_id(tok), seed=seed)
+                   eos_token_id=qdata.eos_id(tok), seed=seed, **placement)
     return tok.decode([int(t) for t in np.asarray(out)[0]], skip_special_tokens=True)
 
 
@@ -113,12 +194,14 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
         recipe = dataclasses.replace(recipe, steps=steps)
     workdir = os.path.abspath(workdir)
     latest = prepare_workdir(workdir, resume)
-    os.makedirs(workdir, exist_ok=True)
-    primary = jax.process_index() == 0
+    pidx, pcount = jax.process_index(), jax.process_count()
+    primary = pidx == 0
     say = print if (verbose and primary) else (lambda *a, **k: None)
-    if recipe.mesh and jax.device_count() > 1:
-        say(f"note: mesh {recipe.mesh!r} ({recipe.sharding_strategy}) is not applied yet: qwax.sharding is not "
-            f"wired into the loop; training runs data-replicated on {jax.device_count()} devices")
+    # Parallelism: without a mesh everything runs on the default device; with one, parameters and optimizer
+    # state are sharded by the strategy's rules and batches over its batch axes.
+    mesh, rules = build_mesh(recipe) if recipe.mesh else (None, None)
+    placement = BatchPlacement(mesh, rules, recipe) if mesh is not None else None
+    os.makedirs(workdir, exist_ok=True)
 
     # Data and tokenizer.
     docs = qdata.read_documents(recipe.data, recipe.text_field)
@@ -132,7 +215,7 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
             f.write(recipe.to_json())
 
     # Model, optimizer, step functions.
-    model = build_model(recipe, vocab, eos)
+    model = build_model(recipe, vocab, eos, mesh, rules)
     cfg: QwaxConfig = model.config
     graphdef, params = nnx.split(model)
     del model
@@ -141,20 +224,37 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
                                weight_decay=recipe.weight_decay, b1=recipe.b1, b2=recipe.b2, eps=recipe.eps,
                                clip_norm=recipe.clip_norm)
     schedule = learning_rate_schedule(recipe.learning_rate, recipe.warmup_steps, recipe.steps, recipe.end_lr_ratio)
-    opt_state = optimizer.init(params)
     weights = LossWeights(router_aux_loss_coef=cfg.router_aux_loss_coef if cfg.num_experts else 0.0,
                           z_loss_coef=recipe.z_loss_coef,
                           mtp_loss_weight=recipe.mtp_loss_weight if cfg.mtp_num_hidden_layers else 0.0)
-    train_step = jax.jit(make_train_step(graphdef, optimizer, weights, cfg.dtype), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(graphdef, cfg.dtype))
+    step_fn, eval_fn = make_train_step(graphdef, optimizer, weights, cfg.dtype), make_eval_step(graphdef, cfg.dtype)
+    if mesh is None:
+        opt_state = optimizer.init(params)
+        train_step = jax.jit(step_fn, donate_argnums=(0, 1))
+        eval_step = jax.jit(eval_fn)
+    else:
+        from qwax.sharding import follow_params, param_shardings
+        param_sh = param_shardings(params, rules, mesh)
+        params = jax.device_put(params, param_sh)  # already in place (built or loaded into its shards)
+        opt_sh = follow_params(jax.eval_shape(optimizer.init, params), params, param_sh, mesh)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        train_step = _under_mesh(jax.jit(step_fn, in_shardings=(param_sh, opt_sh, placement.train, replicated),
+                                         out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1)),
+                                 mesh, rules)
+        eval_step = _under_mesh(jax.jit(eval_fn, in_shardings=(param_sh, placement.eval),
+                                        out_shardings=replicated), mesh, rules)
+        say(f"mesh {recipe.mesh!r} ({dict(zip(mesh.axis_names, mesh.axis_sizes))}), sharding strategy "
+            f"{recipe.sharding_strategy or 'fsdp'}: {jax.device_count()} devices, {pcount} processes")
 
-    pidx, pcount = jax.process_index(), jax.process_count()
     batches = iter(qdata.train_batches(train_docs, tok, seq_len=recipe.seq_len, batch_size=recipe.batch_size,
                                        grad_accum=recipe.grad_accum, seed=recipe.seed, process_index=pidx,
                                        process_count=pcount))
     evals = (qdata.eval_batches(eval_docs, tok, seq_len=recipe.seq_len, batch_size=recipe.batch_size,
                                 max_batches=recipe.eval_batches, process_index=pidx, process_count=pcount)
              if eval_docs and recipe.eval_batches > 0 else [])
+    if placement is not None:
+        evals = [placement.eval_batch(b) for b in evals]
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=recipe.checkpoint_every,
                         keep=recipe.keep_checkpoints)
@@ -204,6 +304,8 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
                 break
             step_started = time.perf_counter()
             batch = next(batches)
+            if placement is not None:
+                batch = placement.train_batch(batch)
             rng = jax.random.fold_in(jax.random.key(recipe.seed), step)
             params, opt_state, metrics = train_step(params, opt_state, batch, rng)
             loss = float(metrics["loss"])
@@ -251,13 +353,16 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
     hf_dir = os.path.join(workdir, "hf")
     text = ""
     if export or sample:
+        if mesh is not None and pcount > 1:  # the export reads every parameter on the primary process
+            from jax.experimental import multihost_utils
+            params = multihost_utils.process_allgather(params, tiled=True)
         model = nnx.merge(graphdef, params)
         if export and primary:
             from qwax.convert.hf import save_hf
             save_hf(model, hf_dir)
             qdata.save_for_hf(tok, hf_dir)
         if sample:
-            text = sample_text(model, tok, recipe.sample_prompt, recipe.sample_tokens, recipe.seed)
+            text = sample_text(model, tok, recipe.sample_prompt, recipe.sample_tokens, recipe.seed, mesh, rules)
 
     if stopped_early:
         say(f"training stopped early at step {step} of {recipe.steps} (time budget {recipe.time_budget_minutes} min)")
