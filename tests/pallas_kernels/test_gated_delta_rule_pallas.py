@@ -153,12 +153,14 @@ def test_kernels_lower_for_the_real_backend(backend, platform):
         assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in exported.mlir_module()
 
 
-def test_auto_picks_xla_on_cpu_and_unknown_backend_raises():
+def test_auto_picks_xla_on_cpu_and_bad_pallas_options_raise():
     args = make_inputs(8, 20)[:5]
     trace = lambda impl: str(jax.make_jaxpr(functools.partial(gated_delta_rule, impl=impl))(*args))
     assert trace("auto") == trace("xla")
     with pytest.raises(ValueError, match="backend"):
         gated_delta_rule(*args, impl="pallas", backend="cuda")
+    with pytest.raises(ValueError, match="chunk_size"):
+        gated_delta_rule(*args, impl="pallas", chunk_size=60)
 
 
 def test_tiny_model_pallas_matches_xla():
