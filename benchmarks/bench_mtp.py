@@ -4,7 +4,9 @@
    MTP head (model.mtp_num_hidden_layers=1) and mtp_loss_weight > 0 for `--steps` steps. Printed: the main
    next-token loss and the MTP (token t+2) loss at the start and at the end of training, both on the training
    batches (step 1, i.e. the initial weights, vs the mean of the last 10 steps) and on the held-out documents
-   (initial weights vs trained weights, same batches).
+   (initial weights vs trained weights, same batches), with the MTP head's top-1 accuracy on the true token t+2
+   and its draft agreement on held-out text (teacher-forced: how often its argmax for token t+2 equals the main
+   model's, i.e. the acceptance rate speculative decoding would see on real text).
 2. Decoding. On the trained model (reloaded from the run's Hugging Face export, MTP head included), prompts of
    `--prompt-len` tokens taken from held-out corpus documents are continued by `--new-tokens` tokens (batch 1,
    no early stop at eos) with plain greedy `qwax.generate` and with MTP self-speculative decoding
@@ -29,6 +31,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -37,22 +40,36 @@ from qwax import data as qdata
 from qwax.inference.speculative import generate_mtp
 from qwax.train.loop import build_model, train
 from qwax.train.recipes import get_recipe
-from qwax.train.step import LossWeights, micro_batch_terms
+from qwax.train.step import mtp_targets, token_cross_entropy
 
 
-def heldout_losses(model: qwax.QwaxForCausalLM, batches: list[dict]) -> tuple[float, float]:
-    """(main next-token loss, MTP loss) in nats/token, token-weighted over `batches`."""
+def heldout_losses(model: qwax.QwaxForCausalLM, batches: list[dict]) -> tuple[float, ...]:
+    """(main next-token loss, MTP loss, MTP top-1 accuracy, draft agreement) over `batches`, token-weighted as in
+    training. MTP top-1 accuracy: how often the MTP head's argmax is the true token t+2.
+
+    Draft agreement: how often the MTP head's argmax for token t+2 (from hidden t and the true token t+1) equals
+    the main model's argmax after token t+1, i.e. the acceptance rate of speculative decoding on real text.
+    """
     graphdef, params = nnx.split(model)
 
     @jax.jit
     def terms(params, batch):
-        t = micro_batch_terms(nnx.merge(graphdef, params), batch, LossWeights(0.0, mtp_loss_weight=1.0))
-        return t["ce_sum"], t["tokens"], t["mtp_sum"], t["mtp_tokens"]
+        m = nnx.merge(graphdef, params)
+        out = m(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        ce, n = token_cross_entropy(out.logits, batch["targets"], batch["weights"])
+        next_ids, next_targets, w = mtp_targets(batch)
+        mtp_logits = m.mtp_forward(out.hidden, next_ids, position_ids=batch["position_ids"],
+                                   segment_ids=batch["segment_ids"]).logits
+        mtp_ce, mtp_n = token_cross_entropy(mtp_logits, next_targets, w)
+        draft = jnp.argmax(mtp_logits, -1)
+        agree = draft[:, :-1] == jnp.argmax(out.logits[:, 1:], -1)
+        return (ce, n, mtp_ce, mtp_n, jnp.sum((draft == next_targets) * w), jnp.sum(agree * w[:, :-1]),
+                jnp.sum(w[:, :-1]))
 
-    sums = np.zeros(4)
+    sums = np.zeros(7)
     for b in batches:
         sums += np.asarray([float(x) for x in terms(params, b)])
-    return sums[0] / sums[1], sums[2] / sums[3]
+    return sums[0] / sums[1], sums[2] / sums[3], sums[4] / sums[3], sums[5] / sums[6]
 
 
 def main() -> None:
@@ -113,7 +130,10 @@ def main() -> None:
     print(f"{'MTP (token t+2), train batches':<34}{train_mtp[0]:>9.3f}{train_mtp[1]:>9.3f}")
     print(f"{'main next-token, held-out':<34}{held_start[0]:>9.3f}{held_end[0]:>9.3f}")
     print(f"{'MTP (token t+2), held-out':<34}{held_start[1]:>9.3f}{held_end[1]:>9.3f}")
-    print("(train: step 1 vs mean of the last 10 steps; held-out: initial vs trained weights)")
+    print(f"{'MTP top-1 accuracy, held-out':<34}{held_start[2]:>9.1%}{held_end[2]:>9.1%}")
+    print(f"{'MTP draft agreement, held-out':<34}{held_start[3]:>9.1%}{held_end[3]:>9.1%}")
+    print("(train: step 1 vs mean of the last 10 steps; held-out: initial vs trained weights; draft agreement: MTP "
+          "argmax for t+2 == main argmax for t+2, teacher-forced)")
 
     # 2. Speculative decoding with the trained head vs plain greedy.
     docs = [d for d in qdata.tokenize_documents(eval_docs, tok) if len(d) >= args.prompt_len]
