@@ -89,16 +89,14 @@ class QwaxForCausalLM(nnx.Module):
         """Context for L new tokens written at cache slots [cache.index, cache.index + L), and the cache's
         bookkeeping after them (valid slots, index, per-row positions)."""
         cfg = self.config
-        batch, slots = cache.valid.shape
+        batch = cache.valid.shape[0]
         new_valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
         valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
-        q_slot = cache.index + jnp.arange(length, dtype=jnp.int32)
-        mask = (jnp.arange(slots)[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]
         if position_ids is None:  # as transformers' generate: each row counts only its real tokens
             position_ids = jnp.maximum(cache.position[:, None] + jnp.cumsum(new_valid, axis=1) - 1, 0)
         cos, sin = rotary_cos_sin(jnp.asarray(position_ids), cfg, jnp.dtype(cfg.dtype))
-        ctx = LayerContext(cos=cos, sin=sin, attn_mask=mask, valid=None if attention_mask is None else new_valid,
-                           segment_ids=None, cache_index=cache.index)
+        ctx = LayerContext(cos=cos, sin=sin, attn_mask=None, valid=None if attention_mask is None else new_valid,
+                           segment_ids=None, cache_index=cache.index, kv_valid=valid)
         bookkeeping = dict(valid=valid, index=cache.index + length,
                            position=cache.position + jnp.sum(new_valid, axis=1, dtype=jnp.int32))
         return ctx, bookkeeping

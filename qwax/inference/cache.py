@@ -41,8 +41,7 @@ class Cache(NamedTuple):
 def _layer_cache(cfg: QwaxConfig, mixer: str, batch: int, max_len: int, lead: tuple[int, ...]) -> Any:
     dtype = jnp.dtype(cfg.dtype)
     if mixer == "full_attention":
-        shape = (*lead, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        return KVCache.empty(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, lead)
     return GDNState(
         conv=jnp.zeros((*lead, batch, cfg.linear_conv_kernel_dim, cfg.linear_conv_dim), dtype),
         recurrent=jnp.zeros((*lead, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
@@ -66,7 +65,7 @@ def cache_logical_axes(cache: Cache) -> Cache:
     def layer_axes(c: Any) -> Any:
         if isinstance(c, KVCache):
             lead = ("layers",) * (c.k.ndim - 4)
-            axes = (*lead, "cache_batch", "cache_len", "cache_kv_heads", None)
+            axes = (*lead, "cache_batch", "cache_kv_heads", "cache_len", None)
             return KVCache(k=axes, v=axes)
         lead = ("layers",) * (c.conv.ndim - 3)
         return GDNState(conv=(*lead, "cache_batch", None, "cache_heads"),

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwax.config import QwaxConfig
+from qwax.graph_jit import jit_with_graph
 from qwax.inference.cache import CACHE_BUCKET, Cache, init_cache
 from qwax.inference.sampling import sample
-from qwax.config import QwaxConfig
 from qwax.model import QwaxForCausalLM, check_token_ids
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@jit_with_graph(donate_argnums=(1,))
 def prefill_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input_ids: jax.Array,
                   attention_mask: jax.Array) -> tuple[jax.Array, Cache]:
     """Run L prompt tokens [B, L] through the model into `cache`; returns (last-position logits [B, V], cache)."""
@@ -30,7 +31,7 @@ def prefill_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input
     return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@jit_with_graph(donate_argnums=(1,))
 def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array
                 ) -> tuple[jax.Array, Cache]:
     """One token per row [B] -> (logits [B, V] float32, cache)."""

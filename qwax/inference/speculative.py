@@ -15,7 +15,6 @@ those of plain greedy decoding.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwax.config import QwaxConfig
+from qwax.graph_jit import jit_with_graph
 from qwax.inference.cache import Cache, init_cache
 from qwax.inference.generate import cache_length, check_request, stop_tokens
 from qwax.layers.attention import KVCache
@@ -33,9 +33,7 @@ from qwax.model import QwaxForCausalLM
 
 def init_mtp_cache(cfg: QwaxConfig, batch: int, max_len: int) -> Cache:
     """An empty cache for the MTP head's attention layers."""
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    dtype = jnp.dtype(cfg.dtype)
-    layers = tuple(KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    layers = tuple(KVCache.empty(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
                    for _ in range(cfg.mtp_num_hidden_layers))
     return Cache(layers=layers, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                  position=jnp.zeros((batch,), jnp.int32))
@@ -58,19 +56,19 @@ def rollback(cache: Cache, processed: int, keep: int) -> Cache:
                  position=cache.position - (processed - keep))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@jit_with_graph(donate_argnums=(1,))
 def _prefill_chunk(graphdef, params, cache, ids, mask):
     out = nnx.merge(graphdef, params)(ids, attention_mask=mask, cache=cache)
     return out.logits[:, -1].astype(jnp.float32), out.hidden, out.cache
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@jit_with_graph(donate_argnums=(1,))
 def _mtp_step(graphdef, params, mtp_cache, hidden, next_ids, mask):
     out = nnx.merge(graphdef, params).mtp_forward(hidden, next_ids, attention_mask=mask, cache=mtp_cache)
     return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
+@jit_with_graph(static_argnums=(3,), donate_argnums=(1,))
 def _verify(graphdef, params, cache, tokens, keep_after_reject):
     """Run [x, draft] and return (choices [B, 2], hidden [B, 2, H], cache if accepted, cache if rejected)."""
     out = nnx.merge(graphdef, params)(tokens, cache=cache, keep_step_states=True)

@@ -32,10 +32,83 @@ def attention_mask(kv_valid: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
 
 
 class KVCache(NamedTuple):
-    """Keys and values of one attention layer, preallocated to the maximum length: k, v [B, T, Nkv, D]."""
+    """Keys and values of one attention layer, preallocated to the maximum length: k, v [*lead, B, Nkv, T, D].
+
+    Head-major, so attention reads a block of slots per head without transposing the cache. `lead` is () for one
+    layer, or (num_groups,) for the scanned stack, where a layer addresses its slice with `LayerContext.cache_group`.
+    """
 
     k: jax.Array
     v: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, lead: tuple[int, ...] = ()
+              ) -> "KVCache":
+        shape = (*lead, batch, num_kv_heads, max_len, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+# Cache slots per step of the blocked attention over a cache: decode and prefill read only the filled blocks.
+KV_BLOCK = 512
+
+
+def _at(group: jax.Array | None, *index) -> tuple:
+    """Start indices into a cache array, with the stacked-layer index first when there is one."""
+    return index if group is None else (group, *index)
+
+
+def write_kv(cache: KVCache, k: jax.Array, v: jax.Array, index: jax.Array, group: jax.Array | None) -> KVCache:
+    """Write k, v [B, L, Nkv, D] at slots [index, index + L) of the layer's cache (of group `group` if stacked)."""
+    def write(buf, new):
+        new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)  # [B, Nkv, L, D]
+        if group is not None:
+            new = new[None]
+        return jax.lax.dynamic_update_slice(buf, new, _at(group, 0, 0, index, 0))
+
+    return KVCache(k=write(cache.k, k), v=write(cache.v, v))
+
+
+def attend_cache(q: jax.Array, cache: KVCache, kv_valid: jax.Array, index: jax.Array,
+                 group: jax.Array | None = None, block: int = KV_BLOCK) -> jax.Array:
+    """Causal attention of L new queries over the filled part of a cache, one block of slots at a time.
+
+    q [B, L, Nq, D] for the tokens at slots [index, index + L), which the cache already holds; kv_valid [B, T]
+    bool marks slots holding real tokens. Only the ceil((index + L) / block) filled blocks are read (a while
+    loop with an online softmax), so a step costs O(context), not O(cache capacity), and no [B, L, T] mask
+    or score tensor is built. Returns [B, L, Nq*D]; queries with no visible key (padding) give zeros.
+    """
+    b, l, nq, d = q.shape
+    t, nkv = cache.k.shape[-2], cache.k.shape[-3]
+    block = min(block, t)
+    qg = q.reshape(b, l, nkv, nq // nkv, d).transpose(0, 2, 3, 1, 4) * (d ** -0.5)  # [B, Nkv, G, L, D]
+    q_slot = index + jnp.arange(l, dtype=jnp.int32)
+    lead = () if group is None else (1,)
+
+    def step(i, carry):
+        acc, m, den = carry
+        nominal = i * block
+        start = jnp.minimum(nominal, t - block)  # the last block may overlap the previous one: masked below
+        kb, vb = (jax.lax.dynamic_slice(x, _at(group, 0, 0, start, 0), (*lead, b, nkv, block, d)).reshape(
+            b, nkv, block, d) for x in (cache.k, cache.v))
+        slots = start + jnp.arange(block, dtype=jnp.int32)
+        mask = (jax.lax.dynamic_slice_in_dim(kv_valid, start, block, axis=1)[:, None, :]
+                & (slots[None, None, :] <= q_slot[None, :, None]) & (slots >= nominal)[None, None, :])
+        mask = mask[:, None, None]  # [B, 1, 1, L, block]
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kb.astype(qg.dtype), preferred_element_type=jnp.float32)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1))
+        # exp of masked scores is never taken: a row that has seen no key yet keeps m = -inf.
+        p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isinf(m_new), 0.0, m_new)[..., None]), 0.0)
+        rescale = jnp.where(jnp.isinf(m), 0.0, jnp.exp(m - m_new))
+        acc = acc * rescale[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(vb.dtype), vb,
+                                                     preferred_element_type=jnp.float32)
+        return acc, m_new, den * rescale + jnp.sum(p, axis=-1)
+
+    stats = qg.shape[:-1]
+    init = (jnp.zeros(qg.shape, jnp.float32), jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32))
+    n_blocks = (index + l + block - 1) // block
+    acc, _, den = jax.lax.fori_loop(0, n_blocks, step, init)
+    out = acc / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, nq * d).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -74,23 +147,23 @@ class Attention(nnx.Module):
         out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
         return out.reshape(b, lq, nq * d)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                  cache: KVCache | None = None, cache_index: jax.Array | None = None,
-                 valid: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 valid: jax.Array | None = None, kv_valid: jax.Array | None = None,
+                 cache_group: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """x [B, L, H], cos/sin [B, L, rotary_dim] -> (y [B, L, H], updated cache or None).
 
-        Without a cache, mask is [B, L, L]. With one, the new keys/values are written at slots
-        [cache_index, cache_index + L) and the queries attend over all T slots: mask is [B, L, T].
-        valid [B, L] bool marks real tokens: padding slots of the cache hold zeros, so a cache does not depend
-        on how the prompt was split into prefill chunks.
+        Without a cache, mask [B, L, L] bool. With one, the new keys/values are written at slots
+        [cache_index, cache_index + L) (of stack entry `cache_group` when the cache is stacked over layer groups)
+        and the queries attend over the filled slots that kv_valid [B, T] marks; mask is unused. valid [B, L]
+        marks real tokens: padding slots hold zeros, so a cache does not depend on how a prompt was chunked.
         """
         q, k, v, gate = self.project_qkv(x, cos, sin)
-        if cache is not None:
+        if cache is None:
+            out = self.attend(q, k, v, mask)
+        else:
             if valid is not None:
                 k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
-            start = (0, cache_index, 0, 0)
-            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-                            v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
-            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
-        out = self.attend(q, k, v, mask)
+            cache = write_kv(cache, k, v, cache_index, cache_group)
+            out = attend_cache(q, cache, kv_valid, cache_index, cache_group)
         return self.o_proj(out * jax.nn.sigmoid(gate)), cache

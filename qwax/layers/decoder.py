@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwax.config import QwaxConfig
-from qwax.layers.attention import Attention
+from qwax.layers.attention import Attention, KVCache
 from qwax.layers.gated_deltanet import GatedDeltaNet
 from qwax.layers.mlp import MLP
 from qwax.layers.moe import SparseMoE
@@ -33,18 +33,21 @@ REMAT_POLICIES: dict[str, Any] = {
 class LayerContext(NamedTuple):
     """Per-forward inputs shared by every layer.
 
-    cos, sin [B, L, rotary_dim]; attn_mask [B, L, L] bool ([B, L, T] over the cache slots when decoding with a
-    cache); valid [B, L] bool (None: no padding); segment_ids [B, L] int (None: one document per row);
-    cache_index: int32 scalar, the cache slot of the first new token (None without a cache);
+    cos, sin [B, L, rotary_dim]; attn_mask [B, L, L] bool (None with a cache); valid [B, L] bool (None: no
+    padding); segment_ids [B, L] int (None: one document per row). With a cache: cache_index, an int32 scalar,
+    the cache slot of the first new token; kv_valid [B, T] bool, the slots holding real tokens after this step;
+    cache_group, the index of the current layer group when attention caches are stacked over groups (scan).
     keep_step_states: GDN layers return their state after every new token (for speculative rollback).
     """
 
     cos: jax.Array
     sin: jax.Array
-    attn_mask: jax.Array
+    attn_mask: jax.Array | None
     valid: jax.Array | None
     segment_ids: jax.Array | None
     cache_index: jax.Array | None = None
+    kv_valid: jax.Array | None = None
+    cache_group: jax.Array | None = None
     keep_step_states: bool = False
 
 
@@ -72,7 +75,8 @@ class DecoderLayer(nnx.Module):
             h, state = self.linear_attn(h, ctx.valid, ctx.segment_ids, cache, ctx.keep_step_states)
             cache = None if cache is None else state
         else:
-            h, cache = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index, ctx.valid)
+            h, cache = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index,
+                                         ctx.valid, ctx.kv_valid, ctx.cache_group)
         x = x + h
         h = self.post_attention_layernorm(x)
         if self.ffn == "moe":
@@ -131,6 +135,29 @@ class Decoder(nnx.Module):
         else:
             self.layers = nnx.List([DecoderLayer(cfg, m, f, rngs=rngs) for m, f in cfg.layer_kinds])
 
+    def _scan_with_cache(self, graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, ctx: LayerContext,
+                         cache: tuple) -> tuple[jax.Array, jax.Array | None, tuple]:
+        """Scan the groups with their caches. Attention caches ride in the carry, whole and stacked, and each
+        group writes and reads its own entry in place (cache_group); slicing them as scan inputs and restacking
+        them as outputs would copy every KV cache on every step. GDN states are small and go through xs/ys."""
+        is_kv = tuple(isinstance(c, KVCache) for c in cache)
+        kv = tuple(c for c, kv_ in zip(cache, is_kv) if kv_)
+        gdn = tuple(c for c, kv_ in zip(cache, is_kv) if not kv_)
+
+        def body(carry, xs):
+            h, kv = carry
+            group_params, gdn, group = xs
+            kv_it, gdn_it = iter(kv), iter(gdn)
+            caches = tuple(next(kv_it) if kv_ else next(gdn_it) for kv_ in is_kv)
+            h, logits, new = nnx.merge(graphdef, group_params)(h, ctx._replace(cache_group=group), caches)
+            kv = tuple(c for c, kv_ in zip(new, is_kv) if kv_)
+            gdn = tuple(c for c, kv_ in zip(new, is_kv) if not kv_)
+            return (h, kv), (logits, gdn)
+
+        (x, kv), (logits, gdn) = jax.lax.scan(body, (x, kv), (params, gdn, jnp.arange(self.num_groups)))
+        kv_it, gdn_it = iter(kv), iter(gdn)
+        return x, logits, tuple(next(kv_it) if kv_ else next(gdn_it) for kv_ in is_kv)
+
     def __call__(self, x: jax.Array, ctx: LayerContext, cache: Any = None):
         """x [B, L, H] -> (x [B, L, H], router logits of all MoE layers [n_moe, B*L, E] or None, new cache).
 
@@ -139,13 +166,14 @@ class Decoder(nnx.Module):
         """
         if self.scanned:
             graphdef, params = nnx.split(self.groups)
+            if cache is None:
+                def body(h, group_params):
+                    h, logits, _ = nnx.merge(graphdef, group_params)(h, ctx)
+                    return h, logits
 
-            def body(h, xs):
-                group_params, group_cache = xs
-                h, logits, new_cache = nnx.merge(graphdef, group_params)(h, ctx, group_cache)
-                return h, (logits, new_cache)
-
-            x, (logits, cache) = jax.lax.scan(_remat(body, self.remat), x, (params, cache))
+                x, logits = jax.lax.scan(_remat(body, self.remat), x, params)
+            else:
+                x, logits, cache = self._scan_with_cache(graphdef, params, x, ctx, cache)
             if logits is not None:
                 logits = logits.reshape(-1, *logits.shape[2:])
             return x, logits, cache

@@ -141,7 +141,7 @@ class GatedDeltaNet(nnx.Module):
             recurrent, outs, states = state.recurrent, [], []
             for t in range(l):
                 o_t, recurrent = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t],
-                                                       beta[:, t].astype(jnp.float32), recurrent)
+                                                       beta[:, t].astype(jnp.float32), recurrent, impl=self.impl)
                 outs.append(o_t)
                 states.append(recurrent)
             o = jnp.stack(outs, axis=1)

@@ -8,7 +8,6 @@ prompt tokens), as in transformers.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -16,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwax.graph_jit import jit_with_graph
 from qwax.inference.cache import Cache, init_cache
 from qwax.inference.generate import cache_length, check_request, sample_loop, stop_tokens
 from qwax.multimodal.model import QwaxForConditionalGeneration
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@jit_with_graph(donate_argnums=(1,))
 def prefill_embeds_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, embeds: jax.Array,
                          attention_mask: jax.Array, position_ids: jax.Array) -> tuple[jax.Array, Cache]:
     """Fused embeddings [B, L, H] with positions [3, B, L] into `cache`; (last logits [B, V] float32, cache)."""
@@ -29,7 +29,7 @@ def prefill_embeds_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache
     return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+@jit_with_graph(donate_argnums=(1,))
 def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array, rope_delta: jax.Array
                 ) -> tuple[jax.Array, Cache]:
     """One text token per row [B] at position (real tokens so far) + rope_delta [B] -> (logits [B, V], cache)."""

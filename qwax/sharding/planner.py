@@ -191,13 +191,13 @@ def activation_bytes(cfg: QwaxConfig, rules: Rules, mesh: AbstractMesh, batch: i
 
 
 def cache_bytes(cfg: QwaxConfig, rules: Rules, mesh: AbstractMesh, batch: int, cache_len: int) -> int:
-    """Per-device bytes of the inference cache: K and V [B, cache_len, Nkv, D] per attention layer (the MTP layer
+    """Per-device bytes of the inference cache: K and V [B, Nkv, cache_len, D] per attention layer (the MTP layer
     included), GDN recurrent [B, Hv, dk, dv] float32 and conv [B, K, conv_dim] per linear-attention layer."""
     dt = jnp.dtype(cfg.dtype).itemsize
     n_attn = sum(1 for t in cfg.layer_types if t == "full_attention") + cfg.mtp_num_hidden_layers
     n_gdn = sum(1 for t in cfg.layer_types if t == "linear_attention")
-    kv = _shard_elems((batch, cache_len, cfg.num_key_value_heads, cfg.head_dim),
-                      ("cache_batch", "cache_len", "cache_kv_heads", None), rules, mesh) * dt
+    kv = _shard_elems((batch, cfg.num_key_value_heads, cache_len, cfg.head_dim),
+                      ("cache_batch", "cache_kv_heads", "cache_len", None), rules, mesh) * dt
     rec = _shard_elems((batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim),
                        ("cache_batch", "cache_heads", None, None), rules, mesh) * 4
     conv = _shard_elems((batch, cfg.linear_conv_kernel_dim, cfg.linear_conv_dim),

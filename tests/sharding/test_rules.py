@@ -125,7 +125,7 @@ def test_inference_cache_is_sharded_over_batch_and_heads():
     mesh = abstract_mesh("data=2,fsdp=2,tensor=2")
     shardings = tree_shardings(cache, cache_logical_axes(cache), "fsdp_tp", mesh)
     for layer, layer_shardings in zip(cache.layers, shardings.layers):
-        # KV [.., B, len, Nkv, D], GDN conv [.., B, K, conv_dim], recurrent [.., B, Hv, dk, dv].
+        # KV [.., B, Nkv, len, D], GDN conv [.., B, K, conv_dim], recurrent [.., B, Hv, dk, dv].
         batch_dims = (4, 4) if hasattr(layer, "k") else (3, 4)
         for array, sharding, from_end in zip(layer, layer_shardings, batch_dims):
             local = sharding.shard_shape(array.shape)
@@ -133,5 +133,5 @@ def test_inference_cache_is_sharded_over_batch_and_heads():
     (kv_array, kv), = [(c.k, s.k) for c, s in zip(cache.layers, shardings.layers) if hasattr(c, "k")][:1]
     (rec_array, rec), = [(c.recurrent, s.recurrent) for c, s in zip(cache.layers, shardings.layers)
                          if hasattr(c, "recurrent")][:1]
-    assert kv.shard_shape(kv_array.shape)[-2] == kv_array.shape[-2] // 2  # KV heads over tensor
+    assert kv.shard_shape(kv_array.shape)[-3] == kv_array.shape[-3] // 2  # KV heads over tensor
     assert rec.shard_shape(rec_array.shape)[-3] == rec_array.shape[-3] // 2  # GDN heads over tensor
