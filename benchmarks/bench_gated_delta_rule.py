@@ -1,10 +1,13 @@
-"""Benchmark the gated delta rule: chunked impl="xla" against the per-token impl="reference".
+"""Benchmark the gated delta rule: chunked impl="xla" against the per-token impl="reference", and impl="auto"
+against transformers' own chunked implementation in torch.
 
 Times the jitted forward and forward+backward at B=1, Hk=4, Hv=8, dk=dv=128, fp32, and prints the ratio
-reference/xla measured in the same run, the achieved GFLOP/s of the chunked form, and the compiled temporary
-memory of forward+backward for both. Run from the repository root:
+reference/xla measured in the same run, the achieved GFLOP/s of the chunked form next to the f32 matmul peak
+measured at startup, the compiled temporary memory of forward+backward for both, and (unless --no-torch)
+forward+backward of `transformers.models.qwen3_5.modeling_qwen3_5.torch_chunk_gated_delta_rule` (chunk 64, torch
+float32, same inputs and loss) against qwax impl="auto". Run from the repository root:
 
-    python -m benchmarks.bench_gated_delta_rule [--long] [--mem-len 16384] [--chunk-sizes 64,32]
+    python -m benchmarks.bench_gated_delta_rule [--long] [--mem-len 16384] [--chunk-sizes 64,32] [--no-torch]
 
 Timings are the best of --reps rounds after a warm-up; each round runs the reference and every xla variant
 once, interleaved, so slow phases of a shared machine hit all of them alike. A run whose compiled temporaries
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from qwax.pallas_kernels import gated_delta_rule
+from qwax.train.metrics import measure_peak_flops
 
 B, HK, HV, DK, DV = 1, 4, 8, 128, 128
 
@@ -80,6 +84,28 @@ def chunked_flops(length: int, c: int) -> float:
     return float(B * n * (HK * per_key_head + HV * per_value_head))
 
 
+def torch_forward_backward_ms(inputs, reps: int) -> float:
+    """Best wall time of transformers' torch chunked gated delta rule, forward + backward of the same loss."""
+    import numpy as np
+    import torch
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    tensors = [torch.from_numpy(np.array(x)) for x in inputs]
+
+    def run():
+        q, k, v, g, beta = (t.clone().requires_grad_() for t in tensors)
+        o, state = torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=64, output_final_state=True)
+        (torch.sum(o * torch.cos(o)) + torch.sum(state**2)).backward()
+
+    run()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def temp_bytes(fn, args) -> int:
     return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
@@ -90,12 +116,14 @@ def main() -> None:
     parser.add_argument("--mem-len", type=int, default=16384, help="L for the compiled memory comparison")
     parser.add_argument("--chunk-sizes", default="64,32", help="comma-separated chunk sizes of the xla impl")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true", help="skip the transformers (torch) comparison")
     args = parser.parse_args()
     chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
     memory_budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     lengths = [1024, 4096] + ([16384] if args.long else [])
-    print(f"gated delta rule, B={B} Hk={HK} Hv={HV} dk={DK} dv={DV} fp32, backend={jax.default_backend()}")
+    print(f"gated delta rule, B={B} Hk={HK} Hv={HV} dk={DK} dv={DV} fp32, backend={jax.default_backend()}, "
+          f"f32 matmul peak (jnp 2048^3) {measure_peak_flops() / 1e9:.0f} GFLOP/s")
     header = f"{'L':>6} {'pass':>8} {'chunk':>6} {'reference ms':>13} {'xla ms':>9} {'ref/xla':>8} {'xla GFLOP/s':>12}"
     print(header)
     print("-" * len(header))
@@ -115,6 +143,16 @@ def main() -> None:
                 ratio = f"{ref_ms / ms[c]:.2f}" if ref_ms else "-"
                 gflops = flop_factor * chunked_flops(length, c) / (ms[c] * 1e-3) / 1e9
                 print(f"{length:>6} {name:>8} {c:>6} {ref_text:>13} {ms[c]:>9.1f} {ratio:>8} {gflops:>12.1f}")
+
+    if not args.no_torch:
+        print(f"\nforward+backward vs transformers' torch_chunk_gated_delta_rule (chunk 64, torch "
+              f"{__import__('torch').get_num_threads()} threads):")
+        for length in lengths:
+            inputs = make_inputs(length)
+            qwax_ms = best_times_ms({"auto": forward_backward_fn("auto", 64)}, inputs, args.reps)["auto"]
+            torch_ms = torch_forward_backward_ms(inputs, args.reps)
+            print(f"  L={length:>6}: qwax auto {qwax_ms:.1f} ms, transformers {torch_ms:.1f} ms, "
+                  f"transformers/qwax {torch_ms / qwax_ms:.2f}")
 
     inputs = jax.eval_shape(lambda: make_inputs(args.mem_len))
     ref_bytes = temp_bytes(forward_backward_fn("reference", chunk_sizes[0]), inputs)

@@ -7,7 +7,12 @@ On a GDN-heavy tiny Qwen3.5-MoE config (3 GDN layers per attention layer) this p
   - cache bytes per token of context;
   - decode tokens/s of qwax.generate vs transformers' generate on the same weights, as a ratio.
 
-    python benchmarks/bench_inference.py [--contexts 1024,4096,16384,65536] [--skip-hf]
+    python benchmarks/bench_inference.py [--contexts 1024,4096,16384,65536] [--skip-hf] [model.FIELD=value ...]
+
+The 16k/1k ratio depends on how heavy the KV cache is next to the rest of a token's work: it also prints the KV
+values an attention layer stores per token over the hidden size (this config: 1.0; Qwen3.5-397B-A17B: 2 KV heads
+x 256 x 2 / 4096 = 0.25). `model.hidden_size=512 model.num_key_value_heads=1 model.head_dim=64` gives a tiny
+model with the flagship's proportion.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from flax import nnx
 import qwax
 from qwax.inference import cache_bytes, init_cache, prefill
 from qwax.inference.generate import decode_step
+from qwax.train.recipes import parse_model_override
 
 HF_FIELDS = dict(vocab_size=1024, hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
@@ -90,15 +96,21 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,4096,16384,65536")
     parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk size")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="model.FIELD=value")
     args = parser.parse_args()
 
+    fields = dict(HF_FIELDS)
+    for item in args.overrides:
+        name, value = parse_model_override(item, fields)
+        fields[name] = value
     cfg = qwax.QwaxConfig(model_type="qwen3_5_moe_text", mrope_section=(2, 1, 1), mrope_interleaved=True,
-                          rope_theta=1e7, **HF_FIELDS)
+                          rope_theta=1e7, **fields)
     model = qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     print(f"config: {cfg.num_hidden_layers} layers ({cfg.layer_types.count('full_attention')} attention), "
-          f"hidden {cfg.hidden_size}, {cfg.num_experts} experts top-{cfg.num_experts_per_tok}; backend "
-          f"{jax.default_backend()}")
+          f"hidden {cfg.hidden_size}, {cfg.num_experts} experts top-{cfg.num_experts_per_tok}; KV values per token "
+          f"per attention layer / hidden = {2 * cfg.num_key_value_heads * cfg.head_dim / cfg.hidden_size:.2f}; "
+          f"backend {jax.default_backend()}")
     print(f"{'context':>8s} {'decode ms/tok':>14s} {'prefill tok/s':>14s} {'cache B/token':>14s} {'peak RSS GiB':>13s}")
     results = {}
     for context in (int(c) for c in args.contexts.split(",")):
@@ -108,6 +120,8 @@ def main() -> None:
     if 1024 in results and 16384 in results:
         print(f"decode time per token 16k/1k: {results[16384] / results[1024]:.2f} (target <= 1.5)")
     if not args.skip_hf:
+        if args.overrides:
+            parser.error("the transformers comparison uses the default config: pass --skip-hf with overrides")
         ours, theirs = hf_vs_qwax()
         print(f"decode tokens/s qwax {ours:.1f} vs transformers {theirs:.1f}: qwax/transformers = {ours / theirs:.2f}")
 

@@ -27,7 +27,7 @@ from flax import nnx
 import qwax
 from qwax.train.metrics import flops_per_token, measure_peak_flops
 from qwax.train.optim import make_optimizer
-from qwax.train.recipes import _parse_value
+from qwax.train.recipes import parse_model_override
 from qwax.train.step import LossWeights, make_train_step
 
 BENCH = dict(model_type="qwen3_5_moe_text", vocab_size=8192, hidden_size=512, num_hidden_layers=8,
@@ -101,9 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     fields = dict(BENCH)
     for item in args.overrides:
-        key, text = item.split("=", 1)
-        name = key.removeprefix("model.")
-        fields[name] = _parse_value(text, fields.get(name, getattr(qwax.QwaxConfig(), name)))
+        name, value = parse_model_override(item, fields)
+        fields[name] = value
     cfg = qwax.QwaxConfig(**fields)
     tokens = args.seq
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, tokens + 1)).astype(np.int32)

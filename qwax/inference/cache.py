@@ -65,8 +65,8 @@ def cache_logical_axes(cache: Cache) -> Cache:
     def layer_axes(c: Any) -> Any:
         if isinstance(c, KVCache):
             lead = ("layers",) * (c.k.ndim - 4)
-            axes = (*lead, "cache_batch", "cache_kv_heads", "cache_len", None)
-            return KVCache(k=axes, v=axes)
+            return KVCache(k=(*lead, "cache_batch", "cache_kv_heads", None, "cache_len"),
+                           v=(*lead, "cache_batch", "cache_kv_heads", "cache_len", None))
         lead = ("layers",) * (c.conv.ndim - 3)
         return GDNState(conv=(*lead, "cache_batch", None, "cache_heads"),
                         recurrent=(*lead, "cache_batch", "cache_heads", None, None))

@@ -133,6 +133,22 @@ def _parse_value(text: str, like: Any) -> Any:
     return text
 
 
+def parse_model_override(item: str, base: Mapping[str, Any] | QwaxConfig | None = None) -> tuple[str, Any]:
+    """`model.FIELD=value` -> (FIELD, value), typed like `base`'s FIELD (a config, or a dict of config fields;
+    fields missing from a dict fall back to the QwaxConfig default)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.startswith("model."):
+        raise ValueError(f"override {item!r}: expected model.FIELD=value (e.g. model.hidden_size=256)")
+    name = key[len("model."):]
+    if name not in {f.name for f in dataclasses.fields(QwaxConfig)}:
+        raise ValueError(f"override {key!r}: QwaxConfig has no field {name!r}")
+    if isinstance(base, Mapping):
+        like = base.get(name, getattr(QwaxConfig(), name))
+    else:
+        like = None if base is None else getattr(base, name)
+    return name, _parse_value(text, like)
+
+
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """`key=value` strings applied to a recipe; `model.FIELD=value` set model config fields."""
     changes: dict[str, Any] = {}
@@ -144,12 +160,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
             raise ValueError(f"override {item!r}: expected key=value (e.g. steps=100 or model.hidden_size=256)")
         key, text = item.split("=", 1)
         if key.startswith("model."):
-            name = key[len("model."):]
-            cfg_fields = {f.name for f in dataclasses.fields(QwaxConfig)}
-            if name not in cfg_fields:
-                raise ValueError(f"override {key!r}: QwaxConfig has no field {name!r}")
-            like = getattr(base_cfg, name) if base_cfg is not None else None
-            model[name] = _parse_value(text, like)
+            name, value = parse_model_override(item, base_cfg)
+            model[name] = value
         elif key in fields and key not in ("name", "model_overrides"):
             try:
                 changes[key] = _parse_value(text, getattr(recipe, key))
