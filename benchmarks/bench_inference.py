@@ -11,8 +11,8 @@ On a GDN-heavy tiny Qwen3.5-MoE config (3 GDN layers per attention layer) this p
 
 The 16k/1k ratio depends on how heavy the KV cache is next to the rest of a token's work: it also prints the KV
 values an attention layer stores per token over the hidden size (this config: 1.0; Qwen3.5-397B-A17B: 2 KV heads
-x 256 x 2 / 4096 = 0.25). `model.hidden_size=512 model.num_key_value_heads=1 model.head_dim=64` gives a tiny
-model with the flagship's proportion.
+x 256 x 2 / 4096 = 0.25). `model.hidden_size=512 model.num_key_value_heads=1 model.head_dim=64 model.mrope_section=4,2,2` gives a
+tiny model with the flagship's proportion.
 """
 
 from __future__ import annotations
@@ -99,12 +99,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="model.FIELD=value")
     args = parser.parse_args()
 
-    fields = dict(HF_FIELDS)
+    fields = dict(HF_FIELDS, mrope_section=(2, 1, 1), mrope_interleaved=True, rope_theta=1e7)
     for item in args.overrides:
         name, value = parse_model_override(item, fields)
         fields[name] = value
-    cfg = qwax.QwaxConfig(model_type="qwen3_5_moe_text", mrope_section=(2, 1, 1), mrope_interleaved=True,
-                          rope_theta=1e7, **fields)
+    cfg = qwax.QwaxConfig(model_type="qwen3_5_moe_text", **fields)
     model = qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     print(f"config: {cfg.num_hidden_layers} layers ({cfg.layer_types.count('full_attention')} attention), "

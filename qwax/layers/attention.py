@@ -153,12 +153,16 @@ class Attention(nnx.Module):
         """Softmax attention. q [B, Lq, Nq, D], k/v [B, Lk, Nkv, D], mask [B, Lq, Lk] bool -> [B, Lq, Nq*D]."""
         b, lq, nq, d = q.shape
         groups = nq // self.num_kv_heads
-        q = q.reshape(b, lq, self.num_kv_heads, groups, d)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * (d ** -0.5)
+        # Head-major operands ([B, Nkv, G, Lq, D], [B, Nkv, Lk, D]): transposing q, k, v is O(L) and lets both
+        # matmuls read and write the O(L^2) scores and probabilities in place, with no transposed copy of them
+        # (on the CPU those copies cost more than the matmuls).
+        q = q.reshape(b, lq, self.num_kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k) * (d ** -0.5)
         # A finite fill keeps fully-masked rows (padding queries) NaN-free, in values and gradients.
         scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v)
         return out.reshape(b, lq, nq * d)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qwax.pallas_kernels.gated_delta_rule.chunk_math import chunk_backward, chunk_forward, decode_step
+from qwax.pallas_kernels.gated_delta_rule.chunk_math import chunk_backward, chunk_forward, decode_kernel
 
 _F32 = jnp.float32
 
@@ -177,13 +177,6 @@ def backward(q, k, v, g, beta, seg, first, last, states, do, ds_final, *, scale:
     )(q, k, v, g, beta, seg, first, last, states, do, ds_final)
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s_ref, o_ref, s_out_ref, *, scale):
-    o, s = decode_step(q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32),
-                       g_ref[...], b_ref[...], s_ref[...], scale=scale)
-    o_ref[...] = o.astype(o_ref.dtype)
-    s_out_ref[...] = s
-
-
 def decode(q, k, v, g, beta, state, *, scale: float, interpret: Any = False):
     """Single-token step. q, k [B, Hk, dk, 1] (columns); v [B, Hv, 1, dv]; g, beta [B, Hv, 1, 1] float32;
     state [B, Hv, dk, dv] float32. Returns (o [B, Hv, 1, dv] in v.dtype, new state [B, Hv, dk, dv])."""
@@ -193,7 +186,7 @@ def decode(q, k, v, g, beta, state, *, scale: float, interpret: Any = False):
     key = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, jax.lax.div(h, r), 0, 0))
     per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, h: (bi, h, 0, 0))
     return pl.pallas_call(
-        functools.partial(_decode_kernel, scale=scale),
+        functools.partial(decode_kernel, scale=scale),
         grid=(b, hv),
         in_specs=[key, key, per_head(1, dv), per_head(1, 1), per_head(1, 1), per_head(dk, dv)],
         out_specs=[per_head(1, dv), per_head(dk, dv)],
