@@ -141,22 +141,24 @@ class Decoder(nnx.Module):
         group writes and reads its own entry in place (cache_group); slicing them as scan inputs and restacking
         them as outputs would copy every KV cache on every step. GDN states are small and go through xs/ys."""
         is_kv = tuple(isinstance(c, KVCache) for c in cache)
-        kv = tuple(c for c, kv_ in zip(cache, is_kv) if kv_)
-        gdn = tuple(c for c, kv_ in zip(cache, is_kv) if not kv_)
+
+        def split(caches: tuple) -> tuple[tuple, tuple]:
+            return (tuple(c for c, k in zip(caches, is_kv) if k), tuple(c for c, k in zip(caches, is_kv) if not k))
+
+        def join(kv: tuple, gdn: tuple) -> tuple:
+            kv_it, gdn_it = iter(kv), iter(gdn)
+            return tuple(next(kv_it) if k else next(gdn_it) for k in is_kv)
 
         def body(carry, xs):
             h, kv = carry
             group_params, gdn, group = xs
-            kv_it, gdn_it = iter(kv), iter(gdn)
-            caches = tuple(next(kv_it) if kv_ else next(gdn_it) for kv_ in is_kv)
-            h, logits, new = nnx.merge(graphdef, group_params)(h, ctx._replace(cache_group=group), caches)
-            kv = tuple(c for c, kv_ in zip(new, is_kv) if kv_)
-            gdn = tuple(c for c, kv_ in zip(new, is_kv) if not kv_)
+            h, logits, new = nnx.merge(graphdef, group_params)(h, ctx._replace(cache_group=group), join(kv, gdn))
+            kv, gdn = split(new)
             return (h, kv), (logits, gdn)
 
+        kv, gdn = split(cache)
         (x, kv), (logits, gdn) = jax.lax.scan(body, (x, kv), (params, gdn, jnp.arange(self.num_groups)))
-        kv_it, gdn_it = iter(kv), iter(gdn)
-        return x, logits, tuple(next(kv_it) if kv_ else next(gdn_it) for kv_ in is_kv)
+        return x, logits, join(kv, gdn)
 
     def __call__(self, x: jax.Array, ctx: LayerContext, cache: Any = None):
         """x [B, L, H] -> (x [B, L, H], router logits of all MoE layers [n_moe, B*L, E] or None, new cache).
