@@ -224,12 +224,3 @@ def decode_step(q_col, k_col, v_row, g, beta, s, *, scale: float):
     s = s + k_col * u
     o = scale * jnp.sum(q_col * s, axis=0, keepdims=True)
     return o, s
-
-
-def decode_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s_ref, o_ref, s_out_ref, *, scale: float):
-    """Pallas kernel body of the single-token step (one batch row and value head), shared by the TPU and GPU
-    kernels: refs as `decode_step`'s arguments, outputs o [1, dv] and the new state [dk, dv]."""
-    o, s = decode_step(q_ref[...].astype(_F32), k_ref[...].astype(_F32), v_ref[...].astype(_F32),
-                       g_ref[...], b_ref[...], s_ref[...], scale=scale)
-    o_ref[...] = o.astype(o_ref.dtype)
-    s_out_ref[...] = s

@@ -19,13 +19,15 @@ limits for these block sizes, and speed.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qwax.pallas_kernels.gated_delta_rule.chunk_math import chunk_backward, chunk_forward, decode_kernel
+from qwax.pallas_kernels.gated_delta_rule.chunk_math import chunk_backward, chunk_forward
+from qwax.pallas_kernels.gated_delta_rule.decode import decode_call
 
 _F32 = jnp.float32
 # Triton compiler params also select the Triton lowering (not Mosaic GPU) for these kernels.
@@ -130,21 +132,7 @@ def backward(q, k, v, g, beta, seg, first, last, states, do, ds_final, *, scale:
     )(q, k, v, g, beta, seg, first, last, states, do, ds_final)
 
 
-def decode(q, k, v, g, beta, state, *, scale: float, interpret: bool = False):
-    """Single-token step; arguments and results as `tpu.decode`."""
-    b, hk, dk, _ = q.shape
-    hv, dv = v.shape[1], v.shape[-1]
-    r = hv // hk
-    key = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, jax.lax.div(h, r), 0, 0))
-    per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, h: (bi, h, 0, 0))
-    return pl.pallas_call(
-        functools.partial(decode_kernel, scale=scale),
-        grid=(b, hv),
-        in_specs=[key, key, per_head(1, dv), per_head(1, 1), per_head(1, 1), per_head(dk, dv)],
-        out_specs=[per_head(1, dv), per_head(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), v.dtype), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)],
-        input_output_aliases={5: 1},
-        compiler_params=_PARAMS,
-        interpret=interpret,
-        name="qwax_gdr_decode_gpu",
-    )(q, k, v, g, beta, state)
+def decode(q, k, v, g, beta, state, *, scale: float, interpret: Any = False):
+    """Single-token step; arguments and results as `decode.decode_call`."""
+    return decode_call(q, k, v, g, beta, state, scale=scale, interpret=interpret,
+                       compiler_params=_PARAMS, name="qwax_gdr_decode_gpu")

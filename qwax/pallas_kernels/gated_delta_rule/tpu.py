@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qwax.pallas_kernels.gated_delta_rule.chunk_math import chunk_backward, chunk_forward, decode_kernel
+from qwax.pallas_kernels.gated_delta_rule.chunk_math import chunk_backward, chunk_forward
+from qwax.pallas_kernels.gated_delta_rule.decode import decode_call
 
 _F32 = jnp.float32
 
@@ -178,21 +179,6 @@ def backward(q, k, v, g, beta, seg, first, last, states, do, ds_final, *, scale:
 
 
 def decode(q, k, v, g, beta, state, *, scale: float, interpret: Any = False):
-    """Single-token step. q, k [B, Hk, dk, 1] (columns); v [B, Hv, 1, dv]; g, beta [B, Hv, 1, 1] float32;
-    state [B, Hv, dk, dv] float32. Returns (o [B, Hv, 1, dv] in v.dtype, new state [B, Hv, dk, dv])."""
-    b, hk, dk, _ = q.shape
-    hv, dv = v.shape[1], v.shape[-1]
-    r = hv // hk
-    key = pl.BlockSpec((None, None, dk, 1), lambda bi, h: (bi, jax.lax.div(h, r), 0, 0))
-    per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, h: (bi, h, 0, 0))
-    return pl.pallas_call(
-        functools.partial(decode_kernel, scale=scale),
-        grid=(b, hv),
-        in_specs=[key, key, per_head(1, dv), per_head(1, 1), per_head(1, 1), per_head(dk, dv)],
-        out_specs=[per_head(1, dv), per_head(dk, dv)],
-        out_shape=[jax.ShapeDtypeStruct((b, hv, 1, dv), v.dtype), jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)],
-        input_output_aliases={5: 1},  # the state is updated in place when the caller donates it
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret,
-        name="qwax_gdr_decode",
-    )(q, k, v, g, beta, state)
+    """Single-token step; arguments and results as `decode.decode_call`."""
+    return decode_call(q, k, v, g, beta, state, scale=scale, interpret=interpret, name="qwax_gdr_decode",
+                       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")))
