@@ -8,7 +8,7 @@ Implementations:
   "auto":      "pallas" on TPU/GPU backends, "xla" on the CPU.
 
 gated_delta_rule_step is the single-token decode step (the same recurrence, one token); it has a Pallas kernel
-too ("pallas"/"auto" as above; "xla" and "reference" both mean the jnp step).
+too (decode.py; "pallas"/"auto" as above; "xla" and "reference" both mean the jnp step).
 """
 
 from __future__ import annotations
