@@ -55,6 +55,11 @@ class KVCache(NamedTuple):
 KV_BLOCK = 2048
 KV_BLOCK_SCORES = 2**19
 
+# Queries per block of the training-path attention (Attention.attend): ATTN_Q_BLOCK, or more for sequences long
+# enough to need over ATTN_MAX_BLOCKS blocks (the blocks are unrolled, so their number bounds compile time).
+ATTN_Q_BLOCK = 128
+ATTN_MAX_BLOCKS = 32
+
 
 def kv_block_size(queries: int, groups: int, slots: int) -> int:
     """Slots per attention step for `queries` new tokens with `groups` query heads per KV head: a power of two
@@ -150,20 +155,34 @@ class Attention(nnx.Module):
         return q, k, v, gate.reshape(b, l, -1)
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """Softmax attention. q [B, Lq, Nq, D], k/v [B, Lk, Nkv, D], mask [B, Lq, Lk] bool -> [B, Lq, Nq*D]."""
-        b, lq, nq, d = q.shape
+        """Causal softmax attention. q [B, L, Nq, D], k/v [B, L, Nkv, D], mask [B, L, L] bool -> [B, L, Nq*D].
+
+        mask must be causal in sequence index (as `attention_mask` builds it): query block i then needs only keys
+        [0, end of block i), so the fully masked upper-triangle blocks are never computed. Blocks of
+        ATTN_Q_BLOCK queries also keep each block's scores cache-resident, which on the CPU matters more than
+        the FLOPs saved. Seq 2048, forward+backward of the bench layer: 0.91 s unblocked, 0.34 s blocked.
+        """
+        b, l, nq, d = q.shape
         groups = nq // self.num_kv_heads
-        # Head-major operands ([B, Nkv, G, Lq, D], [B, Nkv, Lk, D]): transposing q, k, v is O(L) and lets both
-        # matmuls read and write the O(L^2) scores and probabilities in place, with no transposed copy of them
-        # (on the CPU those copies cost more than the matmuls).
-        q = q.reshape(b, lq, self.num_kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
+        # Head-major operands ([B, Nkv, G, L, D], [B, Nkv, L, D]): transposing q, k, v is O(L) and lets both
+        # matmuls read and write the scores and probabilities in place, with no transposed copy of them.
+        q = q.reshape(b, l, self.num_kv_heads, groups, d).transpose(0, 2, 3, 1, 4) * (d ** -0.5)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k) * (d ** -0.5)
-        # A finite fill keeps fully-masked rows (padding queries) NaN-free, in values and gradients.
-        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v)
-        return out.reshape(b, lq, nq * d)
+        block = max(ATTN_Q_BLOCK, -(-l // ATTN_MAX_BLOCKS))
+        outs = []
+        for start in range(0, l, block):
+            end = min(start + block, l)
+            scores = jnp.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:end], k[:, :, :end],
+                                preferred_element_type=jnp.float32)
+            # A finite fill keeps fully-masked rows (padding queries) NaN-free, in values and gradients.
+            scores = jnp.where(mask[:, None, None, start:end, :end], scores, -1e30)
+            # Softmax with the normalisation applied to the [.., D] output instead of the [.., keys] weights (one
+            # pass fewer over the scores, forward and backward); the max is a constant shift, so no gradient.
+            p = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+            out = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v[:, :, :end], preferred_element_type=jnp.float32)
+            outs.append((out / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype))
+        out = jnp.concatenate(outs, axis=3)  # [B, Nkv, G, L, D]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, l, nq * d)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                  cache: KVCache | None = None, cache_index: jax.Array | None = None,

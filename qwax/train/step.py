@@ -118,12 +118,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             acc = {k: acc[k] + v for k, v in {**terms, "loss": value}.items()}
             return (grads, acc), None
 
-        zero_terms = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "tokens", "aux", "z", "mtp_sum",
-                                                              "mtp_tokens", "loss")}
-        if n_micro == 1:
-            (grads, acc), _ = micro((jax.tree.map(jnp.zeros_like, params), zero_terms),
-                                    jax.tree.map(lambda x: x[0], batch))
+        if n_micro == 1:  # no accumulator: adding the gradients to zeros costs a pass over every parameter
+            (value, terms), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), total_tokens, total_mtp,
+                                            n_micro)
+            acc = {**terms, "loss": value}
         else:
+            zero_terms = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "tokens", "aux", "z", "mtp_sum",
+                                                                  "mtp_tokens", "loss")}
             (grads, acc), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), zero_terms), batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
