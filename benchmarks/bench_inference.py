@@ -1,6 +1,6 @@
 """Long-context inference: decode time per token vs context, prefill throughput, cache size, vs transformers.
 
-On a GDN-heavy tiny Qwen3.5-MoE config (3 GDN layers per attention layer) this prints, in one run:
+On a GDN-heavy tiny Qwen3.5-MoE config (3 GDN layers per attention layer, unrolled) this prints, in one run:
   - decode ms/token at contexts 1k, 4k, 16k, 64k (cache filled by a chunked prefill of that many tokens),
     and the 16k/1k ratio (target <= 1.5);
   - prefill tokens/s and the process's peak RSS after each prefill (64k must fit this 24 GiB machine);
@@ -99,7 +99,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="model.FIELD=value")
     args = parser.parse_args()
 
-    fields = dict(HF_FIELDS, mrope_section=(2, 1, 1), mrope_interleaved=True, rope_theta=1e7)
+    # Unrolled layers: a layer's own KV cache is then read in one pass, while a layer scan carries stacked caches
+    # and slices (copies) its layer's blocks out of them (16k/1k measured 1.83 unrolled vs 2.22 scanned).
+    fields = dict(HF_FIELDS, mrope_section=(2, 1, 1), mrope_interleaved=True, rope_theta=1e7, scan_layers=False)
     for item in args.overrides:
         name, value = parse_model_override(item, fields)
         fields[name] = value

@@ -1,7 +1,8 @@
-"""Blocked attention over a KV cache (qwax.layers.attention.attend_cache) against softmax attention in numpy.
+"""Attention over a KV cache (qwax.layers.attention.attend_cache) against softmax attention in numpy.
 
 The model-level tests use caches of one block; these cover many blocks, a last block that overlaps the one
-before it (capacity not a multiple of the block), padding slots, rows with no visible key, and stacked caches.
+before it (capacity not a multiple of the block), padding slots, rows with no visible key, stacked caches, and
+the one-pass (dense) read of a cache at least half full next to the blocked read of one that is not.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qwax.layers import attention
 from qwax.layers.attention import KV_BLOCK, KV_BLOCK_SCORES, KVCache, attend_cache, kv_block_size, write_kv
 
 B, NQ, NKV, D, T = 2, 4, 2, 8, 200
@@ -52,6 +54,20 @@ def test_blocked_cache_attention_matches_softmax(l, index, block):
     got = jax.jit(attend_cache, static_argnames="block")(jnp.asarray(q), cache, jnp.asarray(valid),
                                                          jnp.int32(index), block=block)
     np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, valid, index), atol=1e-5)
+
+
+@pytest.mark.parametrize("l, index", [(1, 150), (1, 199), (3, 97), (1, 20), (4, 0)])
+def test_default_read_matches_softmax(l, index, monkeypatch):
+    """block=None: one pass over the cache when it is at least half full (index + L >= T / 2), else blocks."""
+    calls = []
+    step = attention._online_softmax_step
+    monkeypatch.setattr(attention, "_online_softmax_step", lambda *a: calls.append(a[1].shape[-1]) or step(*a))
+    monkeypatch.setattr(attention, "KV_BLOCK", 64)  # several blocks when the blocked form runs
+    q, k, v, valid = case(l + index, l, index)
+    cache = write_kv(KVCache.empty(B, T, NKV, D, jnp.float32), jnp.asarray(k), jnp.asarray(v), 0, None)
+    got = jax.jit(lambda *a: attend_cache(*a))(jnp.asarray(q), cache, jnp.asarray(valid), jnp.int32(index))
+    np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, valid, index), atol=1e-5)
+    assert sorted(calls) == [64, T]  # both forms are traced: lax.cond picks one at run time
 
 
 def test_stacked_cache_reads_its_own_group():
