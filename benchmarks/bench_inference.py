@@ -11,8 +11,9 @@ On a GDN-heavy tiny Qwen3.5-MoE config (3 GDN layers per attention layer, unroll
 
 The 16k/1k ratio depends on how heavy the KV cache is next to the rest of a token's work: it also prints the KV
 values an attention layer stores per token over the hidden size (this config: 1.0; Qwen3.5-397B-A17B: 2 KV heads
-x 256 x 2 / 4096 = 0.25). `model.hidden_size=512 model.num_key_value_heads=1 model.head_dim=64 model.mrope_section=4,2,2` gives a
-tiny model with the flagship's proportion.
+x 256 x 2 / 4096 = 0.25).
+`model.hidden_size=512 model.num_key_value_heads=1 model.head_dim=64 model.mrope_section=4,2,2` gives a tiny model
+with the flagship's proportion.
 """
 
 from __future__ import annotations

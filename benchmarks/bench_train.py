@@ -2,8 +2,8 @@
 
 Bench config (Qwen3.5-MoE shape): hidden 512, 8 layers (3 Gated DeltaNet : 1 gated attention, so 2 attention
 layers), 32 experts top-4 of width 256 plus a shared expert of width 256, vocab 8192, one sequence of 2048
-tokens, float32, unrolled layers, GDN chunks of 32. qwax: forward + backward + AdamW (clipping, weight decay) in one jitted step
-(qwax.train.step). transformers: Qwen3_5MoeForCausalLM loaded from qwax's export of the same weights,
+tokens, float32, unrolled layers, GDN chunks of 32. qwax: forward + backward + AdamW (clipping, weight decay) in
+one jitted step (qwax.train.step). transformers: Qwen3_5MoeForCausalLM loaded from qwax's export of the same weights,
 loss.backward() + torch.optim.AdamW, torch in float32 on the same threads.
 
 Prints each side's steady-state seconds/step, tokens/s and MFU (model FLOPs from qwax.train.metrics.flops_per_token
