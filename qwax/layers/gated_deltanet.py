@@ -57,9 +57,9 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, history: jax.Array | 
     return _shifted_taps(padded, kernel, keep)
 
 
-def _tap(padded: jax.Array, keep: jax.Array | None, j: int, l: int) -> jax.Array:
-    tap = padded[:, j: j + l]
-    return tap if keep is None else jnp.where(keep[j][..., None], tap, 0)
+def _masked(x: jax.Array, keep: jax.Array | None, j: int) -> jax.Array:
+    """x [B, L, C] with the positions where tap j leaves the document zeroed."""
+    return x if keep is None else jnp.where(keep[j][..., None], x, 0)
 
 
 # K is tiny (4): K shifted multiply-adds beat a general convolution on every backend. The VJP is written out
@@ -70,9 +70,9 @@ def _shifted_taps(padded: jax.Array, kernel: jax.Array, keep: jax.Array | None) 
     """padded [B, K-1+L, C], kernel [C, K], keep [K, B, L] bool or None -> [B, L, C]."""
     k = kernel.shape[-1]
     l = padded.shape[1] - k + 1
-    out = _tap(padded, keep, 0, l) * kernel[:, 0]
+    out = _masked(padded[:, :l], keep, 0) * kernel[:, 0]
     for j in range(1, k):
-        out = out + _tap(padded, keep, j, l) * kernel[:, j]
+        out = out + _masked(padded[:, j: j + l], keep, j) * kernel[:, j]
     return out
 
 
@@ -85,7 +85,7 @@ def _shifted_taps_bwd(res, g):
     b, l, c = g.shape
     d_padded, d_kernel = jnp.zeros_like(padded), []
     for j in range(kernel.shape[-1]):
-        g_j = g if keep is None else jnp.where(keep[j][..., None], g, 0)
+        g_j = _masked(g, keep, j)
         d_padded = d_padded.at[:, j: j + l].add(g_j * kernel[:, j])
         # A [B*L, C] contraction, not a reduction over the middle axis of [B, L, C].
         d_kernel.append(jnp.einsum("nc,nc->c", padded[:, j: j + l].reshape(b * l, c), g_j.reshape(b * l, c)))
