@@ -26,6 +26,9 @@ How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delt
 - The chunk layout is token-major ([N, B, C, H, d]), a free reshape of the [B, L, H, d] input when B == 1.
 - Autodiff stores one [dk, dv] state per chunk (the scan body is rematerialised), never one per token as
   the per-token scan does.
+- The forward alone (prefill, evaluation) overwrites each chunk of beta * V with that chunk's outputs instead
+  of scanning into a fresh output buffer: 93 -> 84 ms at L=4096, chunk 32. A custom VJP sends
+  differentiation to the scan form.
 - The [C, C]-sized work (T, Q K^T, applying T) grows with C while the state work does not: on the CPU,
   chunk_size=32 measured ~25% faster than 64 at L=4096.
 """
@@ -100,12 +103,12 @@ def _segment_masks(
 
     Returns (same [N, B, 1, 1, C, C]: positions j <= i in one segment; first [N, B, 1, 1, C]: position still
     in the segment running at the chunk start; last [N, B, 1, 1, C]: position in the segment running at the
-    chunk end). Without segment_ids these are the causal mask and ones.
+    chunk end). Without segment_ids `same` is None (the causal mask applies) and first, last are ones.
     """
-    causal = jnp.tril(jnp.ones((c, c), bool))
     if segment_ids is None:
         ones = jnp.ones((n, b, 1, 1, c), jnp.float32)
-        return jnp.broadcast_to(causal, (n, b, 1, 1, c, c)), ones, ones
+        return None, ones, ones
+    causal = jnp.tril(jnp.ones((c, c), bool))
     changed = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
     # A running count of resets names segments even when an id value is reused later in the row.
     seg = jnp.cumsum(jnp.pad(changed, [(0, 0), (1, 0)]), axis=1)
@@ -144,12 +147,20 @@ def gated_delta_rule_xla(
     Returns:
       (o [B, L, Hv, dv] in v.dtype, final_state [B, Hv, dk, dv] float32).
     """
+    b, length, _, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    scale = dk**-0.5 if scale is None else scale
+    if initial_state is None:
+        initial_state = jnp.zeros((b, hv, dk, dv), jnp.float32)
+    return _chunked(q, k, v, g, beta, initial_state.astype(jnp.float32), segment_ids, scale, min(chunk_size, length))
+
+
+def _chunked_loop(q, k, v, g, beta, initial_state, segment_ids, scale: float, c: int, *, in_place: bool):
+    """gated_delta_rule_xla with chunk size c. in_place: the forward-only loop (see `_chunked`), else a scan."""
     out_dtype = v.dtype
     b, length, hk, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     r = hv // hk
-    scale = dk**-0.5 if scale is None else scale
-    c = min(chunk_size, length)
     n = -(-length // c)
     pad = n * c - length
 
@@ -169,6 +180,7 @@ def gated_delta_rule_xla(
     g, beta = (jnp.moveaxis(to_chunks(x.reshape(b, n * c, hk, r)), 2, -1) for x in (g, beta))  # [N, B, Hk, r, C]
 
     same, first, last = _segment_masks(segment_ids, b, n, c, pad)
+    causal = jnp.tril(jnp.ones((c, c), bool))
     strictly_lower = jnp.tril(jnp.ones((c, c), bool), -1)
     gcum = jnp.cumsum(g, axis=-1)  # [N, B, Hk, r, C]
 
@@ -181,12 +193,13 @@ def gated_delta_rule_xla(
 
     v_scaled = v * jnp.moveaxis(beta, -1, 2)[..., None]  # beta * V, [N, B, C, Hk, r, dv]
 
-    def chunk_step(s, xs):
+    def chunk_step(s, v_n, xs):
         # s is the transposed state S^T [B, Hk, r, dv, dk], the layout the update matmul produces.
-        q_n, k_n, v_n, beta_n, same_n, gcum_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
+        q_n, k_n, beta_n, same_n, gcum_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
         # D [B, Hk, r, C, C]. Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and
         # could overflow exp.
-        decay = jnp.exp(jnp.where(same_n, gcum_n[..., :, None] - gcum_n[..., None, :], -jnp.inf))
+        mask = causal if same_n is None else same_n
+        decay = jnp.exp(jnp.where(mask, gcum_n[..., :, None] - gcum_n[..., None, :], -jnp.inf))
         # T does not depend on the state: XLA runs its row loop alongside the K S and Q S matmuls.
         kk = _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", k_n, k_n), r)
         t_n = _unit_lower_inverse(jnp.where(strictly_lower, beta_n[..., :, None] * kk * decay, 0.0))
@@ -201,12 +214,41 @@ def gated_delta_rule_xla(
         )
         return s, jnp.moveaxis(o, 3, 1)  # [B, C, Hk, r, dv]
 
-    if initial_state is None:
-        s0 = jnp.zeros((b, hk, r, dv, dk), f32)
+    s0 = jnp.swapaxes(initial_state.reshape(b, hk, r, dk, dv), -1, -2)
+    xs = (q, k, beta, same, gcum, q_scale, w_scale, to_end, chunk_decay)
+    if in_place:
+        # Chunk i of beta * V is read only by step i: overwrite it with that chunk's outputs.
+        def body(i, carry):
+            s, buf = carry
+            at_i = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+            s, o_i = chunk_step(s, at_i(buf), jax.tree.map(at_i, xs))
+            return s, jax.lax.dynamic_update_index_in_dim(buf, o_i, i, 0)
+
+        s_final, o = jax.lax.fori_loop(0, n, body, (s0, v_scaled))
     else:
-        s0 = jnp.swapaxes(initial_state.astype(f32).reshape(b, hk, r, dk, dv), -1, -2)
-    xs = (q, k, v_scaled, beta, same, gcum, q_scale, w_scale, to_end, chunk_decay)
-    # Rematerialise the step in the backward pass: autodiff then keeps only the per-chunk start states.
-    s_final, o = jax.lax.scan(jax.checkpoint(chunk_step), s0, xs)
+        # Rematerialise the step in the backward pass: autodiff then keeps only the per-chunk start states.
+        s_final, o = jax.lax.scan(jax.checkpoint(lambda s, x: chunk_step(s, *x)), s0, (v_scaled, xs))
     o = jnp.swapaxes(o, 0, 1).reshape(b, n * c, hv, dv)[:, :length]
     return o.astype(out_dtype), jnp.swapaxes(s_final, -1, -2).reshape(b, hv, dk, dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _chunked(q, k, v, g, beta, initial_state, segment_ids, scale: float, c: int):
+    """The forward alone runs the in-place loop: a scan would zero-fill a fresh [L, Hv, dv] output buffer and
+    write every chunk into it, ~10% of the forward at L=4096 on the CPU. Differentiation runs the scan, whose
+    autodiff needs beta * V intact and stores one state per chunk."""
+    return _chunked_loop(q, k, v, g, beta, initial_state, segment_ids, scale, c, in_place=True)
+
+
+def _chunked_fwd(q, k, v, g, beta, initial_state, segment_ids, scale, c):
+    def scanned(*args):
+        return _chunked_loop(*args, segment_ids, scale, c, in_place=False)
+
+    return jax.vjp(scanned, q, k, v, g, beta, initial_state)  # (outputs, pullback: a pytree of residuals)
+
+
+def _chunked_bwd(scale, c, pullback, cotangents):
+    return (*pullback(cotangents), None)  # segment_ids are integers: no cotangent
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
