@@ -15,7 +15,7 @@ from flax import nnx
 
 from qwax.config import QwaxConfig
 from qwax.layers.attention import attention_mask as build_attention_mask
-from qwax.layers.common import Linear, param
+from qwax.layers.common import Linear, dense, param
 from qwax.layers.decoder import Decoder, LayerContext
 from qwax.layers.moe import load_balancing_loss
 from qwax.layers.mtp import MTP
@@ -70,7 +70,7 @@ class QwaxForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] -> [..., vocab] with the LM head (or the tied embedding)."""
         if self.config.tie_word_embeddings:
-            return jnp.dot(hidden, self.embed_tokens[...].astype(hidden.dtype).T)
+            return dense(hidden, self.embed_tokens[...].astype(hidden.dtype).T)
         return self.lm_head(hidden)
 
     def context(self, batch: int, length: int, attention_mask: jax.Array | None, position_ids: jax.Array | None,
