@@ -211,11 +211,16 @@ class Attention(nnx.Module):
         q = _grouped_queries(q, self.num_kv_heads)  # [B, Nkv, G, L, D]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Nkv, L, D]
         block = max(ATTN_Q_BLOCK, -(-l // ATTN_MAX_BLOCKS))
+        b, nkv, groups, _, d = q.shape
         outs = []
         for start in range(0, l, block):
             end = min(start + block, l)
-            scores = jnp.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:end], k[:, :, :end],
-                                preferred_element_type=jnp.float32)
+            rows = groups * (end - start)
+            # Groups x queries as one axis of the matmuls: each matmul of the backward then contracts a single
+            # axis, so XLA's CPU backend reads dS and P in place instead of copying them transposed first.
+            qb = q[:, :, :, start:end].reshape(b, nkv, rows, d)
+            scores = jnp.einsum("bhqd,bhkd->bhqk", qb, k[:, :, :end], preferred_element_type=jnp.float32)
+            scores = scores.reshape(b, nkv, groups, end - start, end)
             # A finite fill keeps fully-masked rows (padding queries) NaN-free, in values and gradients. Added
             # rather than selected: the gradient then passes through unmasked (it is zero where the mask is off,
             # since exp gives 0 there), so the backward has no select to fuse into the transposed copy that
@@ -224,7 +229,8 @@ class Attention(nnx.Module):
             # Softmax with the normalisation applied to the [.., D] output instead of the [.., keys] weights (one
             # pass fewer over the scores, forward and backward); the max is a constant shift, so no gradient.
             p = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-            out = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v[:, :, :end], preferred_element_type=jnp.float32)
+            out = jnp.einsum("bhqk,bhkd->bhqd", p.reshape(b, nkv, rows, end).astype(v.dtype), v[:, :, :end],
+                             preferred_element_type=jnp.float32).reshape(b, nkv, groups, end - start, d)
             outs.append((out / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype))
         return _merged_heads(jnp.concatenate(outs, axis=3))
 
