@@ -50,10 +50,12 @@ def _matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array,
 def _matmul_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
     xt = x.T
-    if jax.default_backend() == "cpu":
-        # XLA's CPU backend runs x^T dy (both operands contracted on their major axis) at about half the speed
-        # of the same product with x^T in a buffer of its own: 202 vs 99 ms for the bench's [2048, 512] x
-        # [2048, 8192] LM head, for a 4 MB transpose. The barrier keeps XLA from folding the transpose back.
+    if jax.default_backend() == "cpu" and dy.shape[1] >= 2048:
+        # XLA's CPU backend runs x^T dy (both operands contracted on their major axis) at half the speed of the
+        # same product with x^T in a buffer of its own once dy is wide: [2048, 512] x [2048, N] took 190 vs
+        # 98 ms at N = 8192 (the bench's LM head), 95 vs 49 at 4096, 33 vs 25 at 2048, 14.4 vs 13.0 at 1024,
+        # where the transpose (~4 ms inside a train step) no longer pays. The barrier keeps XLA from folding
+        # the transpose back into the dot.
         xt = jax.lax.optimization_barrier(xt)
     return jnp.dot(dy, w.T).astype(x.dtype), jnp.dot(xt, dy).astype(w.dtype)
 
