@@ -40,6 +40,7 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [T, in] @ w [in, out]; the VJP below picks the kernel gradient's operand layout."""
     return jnp.dot(x, w)
 
 
