@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from qwax.cpu_allocator import keep_freed_memory
+
 # (module, description); each module defines register(subparsers).
 SUBCOMMANDS = (
     ("qwax.train.cli", "train a model from a recipe"),
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()  # before anything computes; a no-op off the CPU backend or once it has started
     parser = build_parser()
     if not argv:
         argv = ["train"]  # the main job: train the tiny recipe on the embedded corpus, then sample from it
