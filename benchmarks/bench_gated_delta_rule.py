@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from qwax.cpu_allocator import keep_freed_memory
+from qwax.cpu_allocator import keep_freed_memory_for_benchmark
 from qwax.pallas_kernels import gated_delta_rule
 from qwax.train.metrics import measure_peak_flops
 
@@ -112,7 +112,7 @@ def temp_bytes(fn, args) -> int:
 
 
 def main() -> None:
-    print("host allocator:", "freed memory kept (qwax.cpu_allocator)" if keep_freed_memory() else "glibc defaults")
+    print(keep_freed_memory_for_benchmark())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="also time L=16384")
     parser.add_argument("--mem-len", type=int, default=16384, help="L for the compiled memory comparison")

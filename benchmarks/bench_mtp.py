@@ -36,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 import qwax
-from qwax.cpu_allocator import keep_freed_memory
 from qwax import data as qdata
+from qwax.cpu_allocator import keep_freed_memory_for_benchmark
 from qwax.inference.speculative import generate_mtp
 from qwax.train.loop import build_model, train
 from qwax.train.recipes import get_recipe
@@ -74,7 +74,7 @@ def heldout_losses(model: qwax.QwaxForCausalLM, batches: list[dict]) -> tuple[fl
 
 
 def main() -> None:
-    print("host allocator:", "freed memory kept (qwax.cpu_allocator)" if keep_freed_memory() else "glibc defaults")
+    print(keep_freed_memory_for_benchmark())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=200, help="training steps (default 200, the tiny recipe's)")
     p.add_argument("--train-minutes", type=float, default=3.0,

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 import qwax
-from qwax.cpu_allocator import keep_freed_memory
+from qwax.cpu_allocator import keep_freed_memory_for_benchmark
 from qwax.train.metrics import flops_per_token, measure_peak_flops
 from qwax.train.optim import make_optimizer
 from qwax.train.recipes import parse_model_override
@@ -104,7 +104,7 @@ def transformers_step_seconds(model: qwax.QwaxForCausalLM, ids: np.ndarray, step
 
 
 def main() -> None:
-    print("host allocator:", "freed memory kept (qwax.cpu_allocator)" if keep_freed_memory() else "glibc defaults")
+    print(keep_freed_memory_for_benchmark())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seq", type=int, default=2048)

@@ -10,8 +10,8 @@ grows with brk), no mmap for large blocks, and no trimming of freed memory back 
 The costs: the process keeps its peak host memory until it exits; threads share one malloc arena; and glibc may
 need a few executions before it reuses a freed block, so resident memory can first grow by a few temporaries
 (a loop over 256 MiB of temporaries settled at 1.1 GiB against 0.6 GiB; the `bench_train` step's stayed at
-4.28 GiB against 4.41 GiB). That suits a training or generation process that runs on the CPU; it is not applied for TPU or GPU runs (their
-temporaries live on the device), nor under another C library.
+4.28 GiB against 4.41 GiB). That suits a training or generation process that runs on the CPU; it is not applied
+for TPU or GPU runs (their temporaries live on the device), nor under another C library.
 
 glibc fixes the arena limit the first time a second thread allocates, so the settings work only before JAX
 starts its backend: call `keep_freed_memory()` first thing in a process (the `qwax` command and the benchmarks
@@ -69,3 +69,9 @@ def keep_freed_memory() -> bool:
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+
+
+def keep_freed_memory_for_benchmark() -> str:
+    """`keep_freed_memory()`, and the line a benchmark prints about it (both sides of a comparison share it)."""
+    applied = keep_freed_memory()
+    return "host allocator: " + ("freed memory kept (qwax.cpu_allocator)" if applied else "glibc defaults")

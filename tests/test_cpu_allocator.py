@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import jax.numpy as jnp
 
 from qwax.cpu_allocator import keep_freed_memory
@@ -46,5 +45,4 @@ def test_kept_memory_is_not_faulted_in_again():
 def test_opt_out_and_late_call_change_nothing():
     assert not run_child("keep", QWAX_KEEP_FREED_MEMORY="0")["applied"]
     jnp.zeros(1).block_until_ready()  # the backend of this process has started
-    assert jax.devices()
     assert not keep_freed_memory()
