@@ -29,7 +29,6 @@ import numpy as np
 from flax import nnx
 
 import qwax
-from qwax.cpu_allocator import keep_freed_memory_for_benchmark
 from qwax.inference import cache_bytes, init_cache, prefill
 from qwax.inference.generate import decode_step
 from qwax.train.recipes import parse_model_override
@@ -94,7 +93,6 @@ def hf_vs_qwax(new_tokens: int = 128) -> tuple[float, float]:
 
 
 def main() -> None:
-    print(keep_freed_memory_for_benchmark())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="1024,4096,16384,65536")
     parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk size")

@@ -37,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    keep_freed_memory()  # before anything computes; a no-op off the CPU backend or once it has started
     parser = build_parser()
     if not argv:
         argv = ["train"]  # the main job: train the tiny recipe on the embedded corpus, then sample from it
     args = parser.parse_args(argv)
+    if getattr(args, "keep_freed_memory", False):  # set by training commands; must precede any computation
+        keep_freed_memory()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

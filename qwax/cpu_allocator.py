@@ -7,15 +7,18 @@ memory anew: ~490k page faults and ~1.2 s of kernel time per training step on th
 4.02 s/step once the memory is kept). Three `mallopt` settings keep it instead: one arena (the main one, which
 grows with brk), no mmap for large blocks, and no trimming of freed memory back to the OS.
 
-The costs: the process keeps its peak host memory until it exits; threads share one malloc arena; and glibc may
-need a few executions before it reuses a freed block, so resident memory can first grow by a few temporaries
-(a loop over 256 MiB of temporaries settled at 1.1 GiB against 0.6 GiB; the `bench_train` step's stayed at
-4.28 GiB against 4.41 GiB). That suits a training or generation process that runs on the CPU; it is not applied
-for TPU or GPU runs (their temporaries live on the device), nor under another C library.
+The costs: the process keeps its peak host memory until it exits; glibc does not always reuse a freed block, so
+resident memory can grow by several executions' temporaries before it settles (a loop over 256 MiB of temporaries
+reached 0.9-2.4 GiB against 0.6 GiB, still growing now and then after 30 executions; the `bench_train` step's
+stayed at 4.28 GiB against 4.41 GiB); and all
+threads share one malloc arena, which slows short executions: a decode step of the `bench_inference` model took 1.6-2.1 ms against 0.8-1.4 ms with glibc's defaults (interleaved runs). Without the
+one-arena setting the training step faults as before, so the three go together, and only where large temporaries
+dominate: `qwax train` and the training benchmarks apply them, `qwax generate` and `bench_inference` do not. They
+are never applied for TPU or GPU runs (their temporaries live on the device), nor under another C library.
 
 glibc fixes the arena limit the first time a second thread allocates, so the settings work only before JAX
-starts its backend: call `keep_freed_memory()` first thing in a process (the `qwax` command and the benchmarks
-do). Set QWAX_KEEP_FREED_MEMORY=0 to turn it off.
+starts its backend: call `keep_freed_memory()` first thing in a process. Set QWAX_KEEP_FREED_MEMORY=0 to turn it
+off.
 """
 
 from __future__ import annotations

@@ -51,4 +51,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="qwax-run", help="run directory (default: ./qwax-run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.set_defaults(func=run)
+    # Training keeps XLA:CPU's freed temporaries (qwax.cpu_allocator); generation does not, see there.
+    p.set_defaults(func=run, keep_freed_memory=True)
