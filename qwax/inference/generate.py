@@ -40,8 +40,12 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens:
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _sample(logits, key, *, temperature, top_k, top_p):
-    return sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+def _choose(logits: jax.Array, key: jax.Array, done: jax.Array, pad: jax.Array, *, temperature: float,
+            top_k: int | None, top_p: float | None) -> tuple[jax.Array, jax.Array]:
+    """(next tokens [B] int32, with `pad` in the rows that are `done`; the key for the step after)."""
+    key, sub = jax.random.split(key)
+    tokens = sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jnp.where(done, pad, tokens).astype(jnp.int32), key
 
 
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input_ids: np.ndarray,
@@ -175,23 +179,32 @@ def _on_mesh(mesh, rules):
         yield place
 
 
-def sample_loop(decode: Callable[[np.ndarray, Cache], tuple[jax.Array, Cache]], logits: jax.Array, cache: Cache, *,
+def sample_loop(decode: Callable[[jax.Array, Cache], tuple[jax.Array, Cache]], logits: jax.Array, cache: Cache, *,
                 max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, eos: np.ndarray,
                 pad: int, seed: int, stream: Callable[[np.ndarray], None] | None) -> np.ndarray:
     """Choose a token from `logits`, then `decode(tokens, cache) -> (logits, cache)`, until every row has hit
     an eos id or max_new_tokens are out. Finished rows get `pad`. Returns the new tokens [B, n]."""
+    if max_new_tokens == 0:
+        return np.zeros((logits.shape[0], 0), np.int32)
     key = jax.random.key(seed)
+    pad_value = jnp.int32(pad)
     out = []
     done = np.zeros((logits.shape[0],), bool)
+    tokens_dev, key = _choose(logits, key, done, pad_value, temperature=float(temperature), top_k=top_k, top_p=top_p)
     for step in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        tokens = np.asarray(_sample(logits, sub, temperature=float(temperature), top_k=top_k, top_p=top_p))
-        tokens = np.where(done, pad, tokens).astype(np.int32)
+        last = step == max_new_tokens - 1
+        if not last:
+            # Queue the next decode step before waiting for this step's tokens: the host's work below (the copy,
+            # the stream callback, the stop test) then overlaps the device's. When every row has stopped, this
+            # one step is wasted.
+            logits, cache = decode(tokens_dev, cache)
+        tokens = np.asarray(tokens_dev)
         out.append(tokens[:, None])
         if stream is not None:
             stream(tokens)
         done |= np.isin(tokens, eos)
-        if done.all() or step == max_new_tokens - 1:
+        if done.all() or last:
             break
-        logits, cache = decode(tokens, cache)
-    return np.concatenate(out, axis=1) if out else np.zeros((logits.shape[0], 0), np.int32)
+        tokens_dev, key = _choose(logits, key, done, pad_value, temperature=float(temperature), top_k=top_k,
+                                  top_p=top_p)
+    return np.concatenate(out, axis=1)
