@@ -10,11 +10,12 @@ grows with brk), no mmap for large blocks, and no trimming of freed memory back 
 The costs: the process keeps its peak host memory until it exits; glibc does not always reuse a freed block, so
 resident memory can grow by several executions' temporaries before it settles (a loop over 256 MiB of temporaries
 reached 0.9-2.4 GiB against 0.6 GiB, still growing now and then after 30 executions; the `bench_train` step's
-stayed at 4.28 GiB against 4.41 GiB); and all
-threads share one malloc arena, which slows short executions: a decode step of the `bench_inference` model took 1.6-2.1 ms against 0.8-1.4 ms with glibc's defaults (interleaved runs). Without the
-one-arena setting the training step faults as before, so the three go together, and only where large temporaries
-dominate: `qwax train` and the training benchmarks apply them, `qwax generate` and `bench_inference` do not. They
-are never applied for TPU or GPU runs (their temporaries live on the device), nor under another C library.
+stayed at 4.28 GiB against 4.41 GiB); and all threads share one malloc arena, which slows short executions: a
+decode step of the `bench_inference` model took 1.6-2.1 ms against 0.8-1.4 ms with glibc's defaults (interleaved
+runs). Without the one-arena setting the training step faults as before, so the three go together, and only where
+large temporaries dominate: `qwax train` and the training benchmarks apply them, `qwax generate` and
+`bench_inference` do not. They are never applied for TPU or GPU runs (their temporaries live on the device), nor
+under another C library.
 
 glibc fixes the arena limit the first time a second thread allocates, so the settings work only before JAX
 starts its backend: call `keep_freed_memory()` first thing in a process. Set QWAX_KEEP_FREED_MEMORY=0 to turn it
