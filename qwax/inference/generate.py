@@ -40,7 +40,7 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens:
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _choose(logits: jax.Array, key: jax.Array, done: jax.Array, pad: jax.Array, *, temperature: float,
+def _choose(logits: jax.Array, key: jax.Array, done: jax.Array, pad: int, *, temperature: float,
             top_k: int | None, top_p: float | None) -> tuple[jax.Array, jax.Array]:
     """(next tokens [B] int32, with `pad` in the rows that are `done`; the key for the step after)."""
     key, sub = jax.random.split(key)
@@ -184,16 +184,12 @@ def sample_loop(decode: Callable[[jax.Array, Cache], tuple[jax.Array, Cache]], l
                 pad: int, seed: int, stream: Callable[[np.ndarray], None] | None) -> np.ndarray:
     """Choose a token from `logits`, then `decode(tokens, cache) -> (logits, cache)`, until every row has hit
     an eos id or max_new_tokens are out. Finished rows get `pad`. Returns the new tokens [B, n]."""
-    if max_new_tokens == 0:
-        return np.zeros((logits.shape[0], 0), np.int32)
     key = jax.random.key(seed)
-    pad_value = jnp.int32(pad)
     out = []
     done = np.zeros((logits.shape[0],), bool)
-    tokens_dev, key = _choose(logits, key, done, pad_value, temperature=float(temperature), top_k=top_k, top_p=top_p)
     for step in range(max_new_tokens):
-        last = step == max_new_tokens - 1
-        if not last:
+        tokens_dev, key = _choose(logits, key, done, pad, temperature=float(temperature), top_k=top_k, top_p=top_p)
+        if step < max_new_tokens - 1:
             # Queue the next decode step before waiting for this step's tokens: the host's work below (the copy,
             # the stream callback, the stop test) then overlaps the device's. When every row has stopped, this
             # one step is wasted.
@@ -203,8 +199,6 @@ def sample_loop(decode: Callable[[jax.Array, Cache], tuple[jax.Array, Cache]], l
         if stream is not None:
             stream(tokens)
         done |= np.isin(tokens, eos)
-        if done.all() or last:
+        if done.all():
             break
-        tokens_dev, key = _choose(logits, key, done, pad_value, temperature=float(temperature), top_k=top_k,
-                                  top_p=top_p)
-    return np.concatenate(out, axis=1)
+    return np.concatenate(out, axis=1) if out else np.zeros((logits.shape[0], 0), np.int32)
