@@ -5,9 +5,12 @@ Times the jitted forward and forward+backward at B=1, Hk=4, Hv=8, dk=dv=128, fp3
 reference/xla measured in the same run, the achieved GFLOP/s of the chunked form next to the f32 matmul peak
 measured at startup, the compiled temporary memory of forward+backward for both, and (unless --no-torch)
 forward+backward of `transformers.models.qwen3_5.modeling_qwen3_5.torch_chunk_gated_delta_rule` (chunk 64, torch
-float32, same inputs and loss) against qwax impl="auto". Run from the repository root:
+float32, same inputs and loss) against qwax with default arguments. Run from the repository root:
 
-    python -m benchmarks.bench_gated_delta_rule [--long] [--mem-len 16384] [--chunk-sizes 64,32] [--no-torch]
+    python -m benchmarks.bench_gated_delta_rule [--long] [--mem-len 16384] [--chunk-sizes default,64,32] [--no-torch]
+
+The "default" row is `gated_delta_rule(q, k, v, g, beta)` with no other argument: impl="auto" and the per-backend
+chunk length (`default_chunk_size()`, 32 on the CPU).
 
 Timings are the best of --reps rounds after a warm-up; each round runs the reference and every xla variant
 once, interleaved, so slow phases of a shared machine hit all of them alike. A run whose compiled temporaries
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 
 from qwax.cpu_allocator import keep_freed_memory_for_benchmark
 from qwax.pallas_kernels import gated_delta_rule
+from qwax.pallas_kernels.gated_delta_rule import default_chunk_size
 from qwax.train.metrics import measure_peak_flops
 
 B, HK, HV, DK, DV = 1, 4, 8, 128, 128
@@ -42,16 +46,21 @@ def make_inputs(length: int, seed: int = 0) -> tuple[jax.Array, ...]:
     return q, k, v, g, beta
 
 
-def forward_fn(impl: str, chunk_size: int):
+def _op_kwargs(impl: str, chunk_size: int | None) -> dict:
+    # chunk_size None is the call with default arguments (impl="auto", the per-backend chunk length).
+    return {} if chunk_size is None else dict(chunk_size=chunk_size, impl=impl)
+
+
+def forward_fn(impl: str, chunk_size: int | None):
     def f(q, k, v, g, beta):
-        return gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, impl=impl)
+        return gated_delta_rule(q, k, v, g, beta, **_op_kwargs(impl, chunk_size))
 
     return jax.jit(f)
 
 
-def forward_backward_fn(impl: str, chunk_size: int):
+def forward_backward_fn(impl: str, chunk_size: int | None):
     def loss(q, k, v, g, beta):
-        o, state = gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, impl=impl)
+        o, state = gated_delta_rule(q, k, v, g, beta, **_op_kwargs(impl, chunk_size))
         # Non-uniform weights so no gradient term cancels by symmetry.
         return jnp.sum(o * jnp.cos(o)) + jnp.sum(state**2)
 
@@ -116,11 +125,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="also time L=16384")
     parser.add_argument("--mem-len", type=int, default=16384, help="L for the compiled memory comparison")
-    parser.add_argument("--chunk-sizes", default="64,32", help="comma-separated chunk sizes of the xla impl")
+    parser.add_argument("--chunk-sizes", default="default,64,32",
+                        help="comma-separated chunk sizes of the xla impl; 'default' is the call with default "
+                             "arguments (impl='auto', the per-backend chunk length)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers (torch) comparison")
     args = parser.parse_args()
-    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
+    chunk_sizes = [None if c == "default" else int(c) for c in args.chunk_sizes.split(",")]
     memory_budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     lengths = [1024, 4096] + ([16384] if args.long else [])
@@ -134,7 +145,7 @@ def main() -> None:
         # fwd+bwd FLOPs: forward, its recomputation inside the rematerialised backward, and ~2x for the backward.
         for name, make, flop_factor in (("fwd", forward_fn, 1.0), ("fwd+bwd", forward_backward_fn, 4.0)):
             fns = {c: make("xla", c) for c in chunk_sizes}
-            ref_fn = make("reference", chunk_sizes[0])
+            ref_fn = make("reference", 64)
             ref_needs = temp_bytes(ref_fn, inputs)
             if ref_needs <= memory_budget:
                 fns["reference"] = ref_fn
@@ -143,24 +154,28 @@ def main() -> None:
             ref_text = f"{ref_ms:.1f}" if ref_ms else f"skip:{ref_needs / 2**30:.0f}GiB"
             for c in chunk_sizes:
                 ratio = f"{ref_ms / ms[c]:.2f}" if ref_ms else "-"
-                gflops = flop_factor * chunked_flops(length, c) / (ms[c] * 1e-3) / 1e9
-                print(f"{length:>6} {name:>8} {c:>6} {ref_text:>13} {ms[c]:>9.1f} {ratio:>8} {gflops:>12.1f}")
+                size = default_chunk_size() if c is None else c
+                gflops = flop_factor * chunked_flops(length, size) / (ms[c] * 1e-3) / 1e9
+                label = f"{size}*" if c is None else str(c)
+                print(f"{length:>6} {name:>8} {label:>6} {ref_text:>13} {ms[c]:>9.1f} {ratio:>8} {gflops:>12.1f}")
+    print("* the call with default arguments: gated_delta_rule(q, k, v, g, beta)")
 
     if not args.no_torch:
         print(f"\nforward+backward vs transformers' torch_chunk_gated_delta_rule (chunk 64, torch "
               f"{__import__('torch').get_num_threads()} threads):")
         for length in lengths:
             inputs = make_inputs(length)
-            qwax_ms = best_times_ms({"auto": forward_backward_fn("auto", 64)}, inputs, args.reps)["auto"]
+            qwax_ms = best_times_ms({"auto": forward_backward_fn("auto", None)}, inputs, args.reps)["auto"]
             torch_ms = torch_forward_backward_ms(inputs, args.reps)
             print(f"  L={length:>6}: qwax auto {qwax_ms:.1f} ms, transformers {torch_ms:.1f} ms, "
                   f"transformers/qwax {torch_ms / qwax_ms:.2f}")
 
     inputs = jax.eval_shape(lambda: make_inputs(args.mem_len))
-    ref_bytes = temp_bytes(forward_backward_fn("reference", chunk_sizes[0]), inputs)
+    ref_bytes = temp_bytes(forward_backward_fn("reference", 64), inputs)
     xla_bytes = temp_bytes(forward_backward_fn("xla", chunk_sizes[0]), inputs)
+    size = default_chunk_size() if chunk_sizes[0] is None else chunk_sizes[0]
     print(
-        f"\nfwd+bwd compiled temp memory at L={args.mem_len} (chunk {chunk_sizes[0]}): reference "
+        f"\nfwd+bwd compiled temp memory at L={args.mem_len} (chunk {size}): reference "
         f"{ref_bytes / 2**20:.1f} MiB, xla {xla_bytes / 2**20:.1f} MiB, reference/xla {ref_bytes / xla_bytes:.1f}x"
     )
 

@@ -84,7 +84,7 @@ class QwaxConfig:
     param_dtype: str = "float32"
     gdn_impl: str = "auto"  # gated delta rule kernel: auto | pallas | xla | reference
     moe_impl: str = "auto"  # routed-expert kernel: auto | pallas | xla | reference
-    gdn_chunk_size: int = 64
+    gdn_chunk_size: int | None = None  # None: the kernel's per-backend default (gated_delta_rule.default_chunk_size)
     scan_layers: bool = True  # stack repeating layer groups and run them with lax.scan
     remat: str = "none"  # rematerialisation policy name, see qwax.layers.decoder.REMAT_POLICIES
 
@@ -135,6 +135,8 @@ class QwaxConfig:
         for key in ("gdn_impl", "moe_impl"):
             if getattr(self, key) not in KERNEL_IMPLS:
                 raise bad(key, getattr(self, key), f"one of {KERNEL_IMPLS}")
+        if self.gdn_chunk_size is not None and (not isinstance(self.gdn_chunk_size, int) or self.gdn_chunk_size < 1):
+            raise bad("gdn_chunk_size", self.gdn_chunk_size, "a positive int, or None for the per-backend default")
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in ("float32", "bfloat16", "float16"):
                 raise bad(key, getattr(self, key), "float32, bfloat16 or float16")

@@ -319,14 +319,17 @@ def hf_tensors(model: QwaxForCausalLM | QwaxForConditionalGeneration, layout: Ch
 
 
 def save_hf(model: QwaxForCausalLM | QwaxForConditionalGeneration, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
-            overwrite: bool = False) -> None:
+            overwrite: bool = False, extra_files: Callable[[str], None] | None = None) -> None:
     """Write `model` as a transformers checkpoint directory (config.json + safetensors).
 
-    The directory is assembled under a temporary name and renamed into place only when complete. Experts are
-    written as the model type's published checkpoints store them (Qwen3-Next per expert, Qwen3.5 fused); MTP
-    weights are kept, in the layout they were loaded in.
+    The directory is assembled under a temporary name and renamed into place only when complete; with
+    `overwrite`, an existing `path` stays whole until then. `extra_files(tmp_dir)` may add files (a tokenizer)
+    that must appear together with the weights. Experts are written as the model type's published checkpoints
+    store them (Qwen3-Next per expert, Qwen3.5 fused); MTP weights are kept, in the layout they were loaded in.
     """
     with atomic_directory(os.fspath(path), overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model.config.to_hf(), f, indent=2)
         write_checkpoint(tmp, hf_tensors(model), max_shard_bytes=max_shard_bytes)
+        if extra_files is not None:
+            extra_files(os.fspath(tmp))

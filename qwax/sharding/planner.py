@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
 from qwax.config import QwaxConfig
+from qwax.pallas_kernels.gated_delta_rule import default_chunk_size
 from qwax.sharding.mesh import abstract_mesh, mesh_sizes
 from qwax.sharding.rules import Rules, get_rules, logical_axes_of, partition_spec
 
@@ -115,8 +116,8 @@ def _layer_tensors(cfg: QwaxConfig, mixer: str, ffn: str, b: int, l: int, ep_cap
                 (heads, (b, l, nq * d), dt, "elem"), (hidden, (b, l, h), dt, "proj")]
     else:
         heads = ("batch", "length", "act_heads")
-        hv, dk, dv, c = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim, \
-            cfg.gdn_chunk_size
+        hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        c = cfg.gdn_chunk_size or default_chunk_size(cfg.gdn_impl, "tpu")  # plans are for TPUs and GPUs (same C)
         n_chunks = -(-l // c)
         out += [(heads, (b, l, cfg.linear_conv_dim), dt, "proj"), (heads, (b, l, cfg.linear_value_dim), dt, "proj"),
                 (heads, (b, l, 2 * hv), dt, "proj"), (heads, (b, l, cfg.linear_conv_dim), dt, "elem"),

@@ -30,7 +30,7 @@ from qwax import data as qdata
 from qwax.config import QwaxConfig
 from qwax.model import QwaxForCausalLM
 from qwax.train.checkpoint import Checkpointer
-from qwax.train.metrics import MetricsLogger, flops_per_token, measure_peak_flops
+from qwax.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from qwax.train.optim import learning_rate_schedule, make_optimizer
 from qwax.train.recipes import Recipe
 from qwax.train.step import LossWeights, make_eval_step, make_train_step
@@ -276,13 +276,14 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
 
     tokens_per_step = recipe.grad_accum * recipe.batch_size * recipe.seq_len * pcount
     fpt = flops_per_token(cfg, recipe.seq_len)
-    peak = (recipe.peak_flops or measure_peak_flops()) * jax.device_count()
+    per_device, peak_source = (recipe.peak_flops, "the recipe's peak_flops") if recipe.peak_flops else peak_flops()
+    peak = per_device * jax.device_count()
     n_params, n_active = cfg.param_count(include_mtp=True)
     say(f"qwax train {recipe.name}: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), "
         f"vocab {cfg.vocab_size}, {len(train_docs)} training documents, {tokens_per_step} tokens/step, "
         f"steps {start} -> {recipe.steps}, workdir {workdir}")
     say(f"unigram entropy of the corpus: {entropy:.4f} nats/token; model FLOPs/token {fpt / 1e6:.1f}M, "
-        f"peak {peak / 1e9:.0f} GFLOP/s")
+        f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
     logger = MetricsLogger(workdir, total_steps=recipe.steps, initial_step=start, enabled=primary,
                            progress=progress)
@@ -359,8 +360,9 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
         model = nnx.merge(graphdef, params)
         if export and primary:
             from qwax.convert.hf import save_hf
-            save_hf(model, hf_dir)
-            qdata.save_for_hf(tok, hf_dir)
+            # A resumed run replaces its own earlier export; the old one stays until the new one is complete.
+            save_hf(model, hf_dir, overwrite=latest is not None,
+                    extra_files=lambda tmp: qdata.save_for_hf(tok, tmp))
         if sample:
             text = sample_text(model, tok, recipe.sample_prompt, recipe.sample_tokens, recipe.seed, mesh, rules)
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qwax.config import QwaxConfig
+from qwax.pallas_kernels.gated_delta_rule import default_chunk_size
 
 
 def flops_per_token(cfg: QwaxConfig, seq_len: int, training: bool = True) -> float:
@@ -34,7 +35,8 @@ def flops_per_token(cfg: QwaxConfig, seq_len: int, training: bool = True) -> flo
     moe = h * cfg.num_experts + cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size \
         + 3 * h * cfg.shared_expert_intermediate_size + h
     dense = 3 * h * cfg.intermediate_size
-    dk, dv, c = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.gdn_chunk_size
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    c = cfg.gdn_chunk_size or default_chunk_size(cfg.gdn_impl)
     attn_seq = 2 * 2 * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
     gdn_seq = cfg.linear_num_value_heads * (3 * 2 * dk * dv + 2 * min(c, seq_len) * (3 * dk + 2 * dv))
     fwd = 2 * h * cfg.vocab_size  # LM head
@@ -48,12 +50,13 @@ def flops_per_token(cfg: QwaxConfig, seq_len: int, training: bool = True) -> flo
 
 
 @functools.lru_cache(maxsize=None)
-def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one device on a float32 [n, n] @ [n, n] matmul, best of `repeats` (cached per process).
+def measure_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of the default device on a [n, n] @ [n, n] matmul, best of `repeats` (cached per process).
 
     Measured at every start rather than stored: on a shared machine the peak available now is the honest
-    denominator for the throughput measured now."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    denominator for the throughput measured now. On accelerators a 2048^3 matmul takes microseconds and
+    measures dispatch, not the chip: use `peak_flops()`, which takes the published peak there."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     matmul = jax.jit(jnp.dot)
     matmul(a, a).block_until_ready()
     best = float("inf")
@@ -62,6 +65,37 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+# Published dense bfloat16 peak FLOP/s of one JAX device (a TPU chip, a GPU), matched in this order as a
+# substring of `device.device_kind` (e.g. "TPU v5 lite", "TPU v5", "NVIDIA H100 80GB HBM3").
+PUBLISHED_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("B200", 2250e12),
+)
+
+
+def peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from), the denominator of MFU.
+
+    CPU: measured now (`measure_peak_flops`). TPU/GPU: the published dense bf16 peak of the device kind; for a
+    kind not in `PUBLISHED_PEAK_FLOPS`, an 8192^3 bfloat16 matmul, long enough that dispatch does not count.
+    """
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return measure_peak_flops(), "measured: float32 2048^3 matmul"
+    kind = device.device_kind
+    for name, flops in PUBLISHED_PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return flops, f"published bf16 peak of {kind}"
+    return measure_peak_flops(8192, 5, "bfloat16"), f"measured: bf16 8192^3 matmul (no published peak for {kind!r})"
 
 
 class MetricsLogger:

@@ -58,7 +58,7 @@ class Recipe:
     # Wall-clock budget of the whole run in minutes (0: none). When the next step would overrun it, training stops
     # early with a final checkpoint (and says so); the main job uses it to finish in time on a busy machine.
     time_budget_minutes: float = 0.0
-    peak_flops: float = 0.0  # per device, FLOP/s; 0 measures an f32 matmul at startup (cached)
+    peak_flops: float = 0.0  # per device, FLOP/s; 0: metrics.peak_flops() (measured on the CPU, published on TPU/GPU)
     sample_prompt: str = "def "
     sample_tokens: int = 48
     # Parallelism: a mesh spec "axis=size,..." for qwax.sharding (e.g. "data=1,fsdp=64,expert=8,tensor=1") and a

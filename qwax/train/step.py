@@ -134,7 +134,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             "aux_loss": acc["aux"] / n_micro,
             "z_loss": acc["z"] / n_micro,
             "mtp_loss": acc["mtp_sum"] / total_mtp,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "tokens": acc["tokens"],
         }
         return params, opt_state, metrics

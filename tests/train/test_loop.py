@@ -98,8 +98,18 @@ def test_named_recipes_build_valid_model_configs():
     assert big.num_experts == 512 and RECIPES["qwen3.5-397b-a17b"].mesh == "data=1,fsdp=64,expert=8,tensor=1"
 
 
+def _export_tensors(hf_dir: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    out = {}
+    for name in sorted(os.listdir(hf_dir)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(hf_dir, name)))
+    return out
+
+
 @pytest.mark.slow
-def test_transformers_loads_the_export_and_continues_a_prompt_greedily_like_qwax(tmp_path, compile_cache):
+def test_resumed_run_replaces_its_export_and_transformers_continues_a_prompt_greedily_like_qwax(
+        tmp_path, compile_cache):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     workdir = str(tmp_path / "export")
@@ -107,6 +117,18 @@ def test_transformers_loads_the_export_and_continues_a_prompt_greedily_like_qwax
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sample (" in out.stdout and "unigram entropy" in out.stdout
     hf_dir = os.path.join(workdir, "hf")
+    first_export = _export_tensors(hf_dir)
+
+    # Resuming with more steps trains them and exports over the run's own earlier export.
+    out = run_train(workdir, compile_cache, "--steps", "9", "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "at step 6" in out.stdout and "steps 6 -> 9" in out.stdout, out.stdout[-2000:]
+    assert sorted(logged_losses(workdir)) == list(range(1, 10))
+    second_export = _export_tensors(hf_dir)
+    assert second_export.keys() == first_export.keys()
+    assert any(not np.array_equal(second_export[k], first_export[k]) for k in first_export)
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(hf_dir))
+    assert not [d for d in os.listdir(workdir) if d.startswith(".hf")], os.listdir(workdir)  # no leftovers
 
     import qwax
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)

@@ -3,9 +3,9 @@
 Implementations:
   "reference": per-token `lax.scan` (reference.py), the oracle.
   "xla":       chunked form in plain JAX (xla.py); stores one state per chunk for autodiff.
-  "pallas":    chunked Pallas kernels with a custom VJP (pallas.py; TPU kernels in tpu.py, GPU kernels in gpu.py,
-               shared per-chunk math in chunk_math.py). On the CPU they run in interpret mode (slow: tests only).
-  "auto":      "pallas" on TPU/GPU backends, "xla" on the CPU.
+  "pallas":    chunked Pallas kernels with a custom VJP (pallas.py; TPU kernels in tpu.py with their per-chunk math
+               in chunk_math.py, Hopper Mosaic GPU kernels in gpu.py). On the CPU they run in interpret mode (slow: tests only).
+  "auto":      "pallas" on TPU and Hopper GPUs, "xla" elsewhere (the CPU, other GPUs).
 
 gated_delta_rule_step is the single-token decode step (the same recurrence, one token); it has a Pallas kernel
 too (decode.py; "pallas"/"auto" as above; "xla" and "reference" both mean the jnp step).
@@ -20,19 +20,40 @@ import jax
 from qwax.pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas, gated_delta_rule_step_pallas
 from qwax.pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference, recurrent_step
 from qwax.pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
+from qwax.pallas_kernels.platform import pallas_platform
 
-__all__ = ["gated_delta_rule", "gated_delta_rule_step", "IMPLS"]
+__all__ = ["gated_delta_rule", "gated_delta_rule_step", "default_chunk_size", "IMPLS"]
 
 IMPLS = ("auto", "reference", "xla", "pallas")
 
+# Chunk length C when the caller gives none, per (implementation, platform). The Pallas kernels' natural block is
+# 64 (a [64, 64] intra-chunk matrix is one MXU pass on TPU and one warpgroup-matmul tile on Hopper). On the CPU
+# the XLA path is fastest at 32: its intra-chunk triangular work grows with C while the per-chunk state products
+# stay fixed (`benchmarks/bench_gated_delta_rule.py --chunk-sizes 16,32,64,128` measures it; the README has the
+# numbers). XLA on an accelerator keeps the kernels' block.
+_DEFAULT_CHUNK = {("xla", "cpu"): 32}
+_ACCELERATOR_CHUNK = 64
 
-def _resolve_impl(impl: str) -> str:
+
+def _resolve_impl(impl: str, platform: str | None = None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, found {impl!r}")
     if impl == "auto":
-        # Pallas does not compile for the CPU (interpret mode only, orders of magnitude slower).
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+        # Pallas does not compile for the CPU (interpret mode only, orders of magnitude slower), and the GPU
+        # kernels need Hopper.
+        if platform is None:
+            return "pallas" if pallas_platform() else "xla"
+        return "pallas" if platform in ("tpu", "gpu") else "xla"
     return impl
+
+
+def default_chunk_size(impl: str = "auto", platform: str | None = None) -> int:
+    """The chunk length `gated_delta_rule` uses when `chunk_size` is None.
+
+    impl: one of IMPLS; platform: "cpu" | "gpu" | "tpu", default `jax.default_backend()`.
+    """
+    platform = platform or jax.default_backend()
+    return _DEFAULT_CHUNK.get((_resolve_impl(impl, platform), platform), _ACCELERATOR_CHUNK)
 
 
 def _check_shape(name: str, x: jax.Array, expected: tuple[int, ...], meaning: str) -> None:
@@ -75,7 +96,7 @@ def gated_delta_rule(
     scale: float | None = None,
     initial_state: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     impl: str = "auto",
     backend: str | None = None,
     interpret: Any = None,
@@ -93,12 +114,14 @@ def gated_delta_rule(
       initial_state: [B, Hv, dk, dv] or None (zeros). Applies to the first segment only.
       segment_ids: [B, L] ints or None. The state is reset to zero wherever the id changes from the previous
         position (packed documents).
-      chunk_size: chunk length of the chunked implementations.
+      chunk_size: chunk length of the chunked implementations; None picks `default_chunk_size(impl)` (32 for
+        the XLA path on the CPU, 64 for the Pallas kernels).
       impl: one of IMPLS.
       backend: impl="pallas" only: kernel family "tpu" | "gpu"; None follows `jax.default_backend()` (the TPU
         kernels on the CPU). Tests use it to run both families on the CPU.
-      interpret: impl="pallas" only: passed to `pl.pallas_call`; None means interpret mode on the CPU
-        (`pltpu.InterpretParams()` for the TPU kernels, True for the GPU kernels) and compiled kernels elsewhere.
+      interpret: impl="pallas" only: None means interpret mode on the CPU (`pltpu.InterpretParams()` for the TPU
+        kernels, `plgpu.InterpretGPUParams()` for the Mosaic GPU kernels) and compiled kernels elsewhere; anything
+        else is passed to the kernels.
 
     Returns:
       (o [B, L, Hv, dv] in v.dtype, final_state [B, Hv, dk, dv] float32). Internal math is float32.
@@ -106,8 +129,10 @@ def gated_delta_rule(
     _validate_heads(q, k, v, g, beta, initial_state, "B, L", "initial_state")
     if segment_ids is not None:
         _check_shape("segment_ids", segment_ids, q.shape[:2], "[B, L]")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, found {chunk_size!r}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(impl)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, found {chunk_size!r}")
     impl = _resolve_impl(impl)
     if impl == "pallas" and chunk_size % 8:
         raise ValueError(f"chunk_size must be a multiple of 8 (TPU sublanes) for impl='pallas', found {chunk_size}")

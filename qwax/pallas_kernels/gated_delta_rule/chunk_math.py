@@ -1,7 +1,8 @@
-"""Per-chunk math of the gated delta rule, shared by the TPU (tpu.py) and GPU (gpu.py) Pallas kernels.
+"""Per-chunk math of the gated delta rule in the TPU Pallas kernels (tpu.py, decode.py); gpu.py writes the same
+math with Mosaic GPU's warpgroup matmuls.
 
 Every function here works on values already loaded from refs, one (batch, value head, chunk) at a time, and uses
-only ops that both Mosaic (TPU) and Triton (GPU) lower: 2-D matmuls with float32 accumulation (`_dot`), iota,
+only ops that Mosaic (TPU) lowers: 2-D matmuls with float32 accumulation (`_dot`), iota,
 compare/select, shifts, exp and reductions along one axis. In particular there is no triangular solve (T comes
 from `unit_lower_inverse`, matmuls only), no transpose of a value (transposed products are dot_general
 contractions) and no cumulative sum: the cumulative log decays arrive precomputed.
@@ -217,7 +218,7 @@ def chunk_backward(q, k, v, g_row, b_row, seg_row, f_row, l_row, s, do, ds_next,
 def decode_step(q_col, k_col, v_row, g, beta, s, *, scale: float):
     """One token. q_col, k_col: [dk, 1]; v_row: [1, dv]; g, beta: [1, 1]; s: [dk, dv]. Returns (o [1, dv], s').
 
-    Only broadcasts and reductions: a one-row matmul would waste the MXU and Triton does not lower it.
+    Only broadcasts and reductions: a one-row matmul would waste the MXU.
     """
     s = s * jnp.exp(g)
     u = beta * (v_row - jnp.sum(k_col * s, axis=0, keepdims=True))

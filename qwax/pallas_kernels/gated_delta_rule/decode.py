@@ -1,8 +1,8 @@
-"""Single-token gated delta rule step as a Pallas kernel, shared by the TPU and GPU paths.
+"""Single-token gated delta rule step as a Pallas kernel (`pl.pallas_call`), used by the TPU path (`tpu.decode`).
 
 One program per (batch row, value head) holds that head's [dk, dv] state; the key head is chosen by the BlockSpec
-index map (value head h reads key head h // (Hv / Hk)), so keys are never repeated. The TPU and GPU paths differ
-only in compiler parameters (`tpu.decode`, `gpu.decode`).
+index map (value head h reads key head h // (Hv / Hk)), so keys are never repeated. The GPU path has its own
+Mosaic GPU kernel (`gpu.decode`).
 """
 
 from __future__ import annotations

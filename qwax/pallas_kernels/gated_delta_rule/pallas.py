@@ -7,10 +7,10 @@ The public op (`__init__.py`) validates shapes; this module only rearranges data
   the kernels only see G); g and beta are [B, Hv, N, C].
 - segment ids become a running segment number and first/last masks, [B, N, C] float32 (see chunk_math.py).
 
-The custom VJP: the forward kernel also writes each chunk's start state ([B, Hv, N, dk, dv] float32, one per
-chunk as the XLA path stores) when differentiated; the backward kernel walks the chunks in reverse, carrying
-dS, and recomputes each chunk's intermediates from its start state. Without differentiation the states are
-not written.
+The custom VJP: the forward kernel also writes each chunk's start state ([B, Hv, N, dk, dv] float32, one per chunk
+as the XLA path stores; the GPU kernels store it as bf16 (hi, lo) pairs, see gpu.py) when differentiated; the
+backward kernel walks the chunks in reverse, carrying dS, and recomputes each chunk's intermediates from its start
+state. Without differentiation the states are not written.
 """
 
 from __future__ import annotations
@@ -30,30 +30,36 @@ def resolve(backend: str | None, interpret: Any) -> tuple[Any, Any]:
     """(kernel family "tpu" | "gpu", interpret argument).
 
     backend: "tpu" | "gpu" | None (from `jax.default_backend()`; the TPU kernels on the CPU).
-    interpret: None picks interpret mode on the CPU only (`pltpu.InterpretParams()` for the TPU kernels, True
-    for the GPU kernels) and compiled kernels on TPU/GPU; anything else is passed to `pl.pallas_call`.
+    interpret: None picks interpret mode on the CPU only (`pltpu.InterpretParams()` for the TPU kernels,
+    `plgpu.InterpretGPUParams()` for the Mosaic GPU kernels, which also take True to mean it) and compiled
+    kernels on TPU/GPU; anything else is passed to the kernels as is.
     """
     on_cpu = jax.default_backend() not in ("tpu", "gpu")
     if backend is None:
         backend = "gpu" if jax.default_backend() == "gpu" else "tpu"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, found {backend!r}")
-    if interpret is None and on_cpu:
-        if backend == "tpu":
-            from jax.experimental.pallas import tpu as pltpu
+    if backend == "tpu" and interpret is None and on_cpu:
+        from jax.experimental.pallas import tpu as pltpu
 
-            interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
-        else:
-            interpret = True
+        interpret = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
+    elif backend == "gpu" and ((interpret is None and on_cpu) or interpret is True):
+        # Mosaic GPU kernels run only in their own interpret mode (the generic one does not know their TMA,
+        # barrier and wgmma primitives).
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        interpret = plgpu.InterpretGPUParams()
     return backend, (False if interpret is None else interpret)
 
 
 def _chunk_len(length: int, chunk_size: int, backend: str) -> int:
-    """Chunk length C: chunk_size, or for shorter sequences the length rounded up to what the kernels' blocks
-    need: a multiple of 8 (TPU sublanes), or a power of two >= 16 (Triton value shapes and tl.dot)."""
+    """Chunk length C: for the TPU kernels chunk_size, or for shorter sequences the length rounded up to a
+    multiple of 8 (sublanes); the Mosaic GPU kernels always use C = 64 (wgmma's M), padding short sequences."""
     if backend == "tpu":
         return min(chunk_size, -(-length // 8) * 8)
-    return min(chunk_size, max(16, 1 << (length - 1).bit_length()))
+    if chunk_size != gpu.CHUNK:
+        raise ValueError(f"the GPU (Mosaic GPU) kernels need chunk_size = {gpu.CHUNK}, found {chunk_size}")
+    return gpu.CHUNK
 
 
 def _segment_rows(segment_ids: jax.Array | None, b: int, n: int, c: int, pad: int):
@@ -121,7 +127,7 @@ def gated_delta_rule_pallas(
 
     Args:
       q, k: [B, L, Hk, dk]; v: [B, L, Hv, dv]; g, beta: [B, L, Hv]; initial_state: [B, Hv, dk, dv] or None;
-      segment_ids: [B, L] or None. chunk_size: C, a multiple of 8 (a power of two for the GPU kernels); shorter
+      segment_ids: [B, L] or None. chunk_size: C, a multiple of 8 (exactly 64 for the GPU kernels); shorter
         sequences use one chunk of the length rounded up (see `_chunk_len`).
       backend, interpret: see `resolve`.
 

@@ -10,6 +10,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from qwax.pallas_kernels.platform import pallas_platform
 
 Impl = Literal["auto", "pallas", "xla", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "pallas", "xla", "reference")
@@ -27,16 +30,33 @@ def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
 
 
-def resolve_impl(impl: str) -> str:
+# Operand dtypes each Pallas kernel family takes: megablox computes in bf16 / f32; Hopper wgmma takes
+# bf16 / f16 (f32 would run as tf32, and only for K-major operands).
+PALLAS_DTYPES: dict[str, tuple[jnp.dtype, ...]] = {
+    "tpu": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)),
+    "gpu": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
+}
+
+
+def pallas_takes(backend: str, dtypes: tuple[jnp.dtype, ...]) -> bool:
+    """Whether the ``backend`` Pallas kernels take operands of these dtypes (the GPU ones: one dtype)."""
+    dts = {jnp.dtype(d) for d in dtypes}
+    return dts <= set(PALLAS_DTYPES[backend]) and (backend != "gpu" or len(dts) <= 1)
+
+
+def resolve_impl(impl: str, dtypes: tuple[jnp.dtype, ...] = ()) -> str:
     """Map ``impl`` to one of "pallas", "xla", "reference".
 
-    "auto" picks Pallas kernels on TPU/GPU and the fast XLA path on the CPU (Pallas does not compile
-    for the CPU: it only runs there in interpret mode, which is orders of magnitude slower).
+    "auto" picks Pallas kernels on TPU, and on Hopper GPUs, when they take the operand ``dtypes``
+    (:func:`pallas_takes`; e.g. float32 on a GPU gets "xla", i.e. ``ragged_dot``); otherwise "xla", the
+    fast XLA path on the CPU (Pallas does not compile for the CPU: it only runs there in interpret mode,
+    which is orders of magnitude slower) and ``ragged_dot`` on other GPUs.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+        platform = pallas_platform()
+        return "pallas" if platform and pallas_takes(platform, dtypes) else "xla"
     return impl
 
 
@@ -53,13 +73,28 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
-def check_pallas_runnable(interpret: object) -> None:
-    """Pallas only compiles for TPU/GPU; on the CPU it must run in interpret mode. Fail early and clearly."""
-    if jax.default_backend() not in ("tpu", "gpu") and not interpret:
-        raise ValueError(
-            f"impl='pallas' on backend {jax.default_backend()!r} needs interpret=True (GPU kernels) or "
-            "interpret=pltpu.InterpretParams() (TPU kernels); use impl='xla' for the fast CPU path"
-        )
+def resolve_interpret(interpret: object) -> object:
+    """``None`` -> interpret mode (``True``) on the CPU, where Pallas cannot compile, else compiled (``False``).
+
+    ``False`` always compiles (e.g. to ``jax.export`` for TPU/GPU from a CPU host); ``True`` is the
+    backend's interpret mode with default parameters; ``pltpu.InterpretParams()`` /
+    ``plgpu.InterpretGPUParams()`` choose them.
+    """
+    if interpret is None:
+        return jax.default_backend() not in ("tpu", "gpu")
+    return interpret
+
+
+def check_pallas_dtypes(backend: str, **operands: jax.Array) -> None:
+    """Raise a ValueError naming the operands whose dtypes the ``backend`` Pallas kernels do not take."""
+    if pallas_takes(backend, tuple(a.dtype for a in operands.values())):
+        return
+    got = ", ".join(f"{name}.dtype={a.dtype}" for name, a in operands.items())
+    one = " (all of one dtype)" if backend == "gpu" else ""
+    raise ValueError(
+        f"the {backend} Pallas kernels take {'/'.join(str(d) for d in PALLAS_DTYPES[backend])} operands{one}, "
+        f"got {got}; cast them or use impl='xla'"
+    )
 
 
 def _is_int(a: jax.Array) -> bool:
@@ -67,7 +102,7 @@ def _is_int(a: jax.Array) -> bool:
 
 
 def check_gmm_args(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
-    """Validate ``grouped_matmul`` shapes: lhs [M, K], rhs [G, K, N], group_sizes [G] integer."""
+    """Validate ``grouped_matmul`` shapes: lhs [M, K], rhs [G_local, K, N], group_sizes [G >= G_local] int."""
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be 2-D [M, K], got lhs.shape={lhs.shape}")
     if rhs.ndim != 3:
@@ -76,11 +111,16 @@ def check_gmm_args(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> No
         raise ValueError(
             f"rhs.shape[1] (K) must equal lhs.shape[1]; got lhs.shape={lhs.shape}, rhs.shape={rhs.shape}"
         )
-    _check_group_sizes(group_sizes, rhs.shape[0])
+    _check_group_sizes(group_sizes)
+    if group_sizes.shape[0] < rhs.shape[0]:
+        raise ValueError(
+            f"group_sizes must have an entry per group, at least rhs.shape[0]={rhs.shape[0]}, "
+            f"got group_sizes.shape={group_sizes.shape}"
+        )
 
 
-def check_tgmm_args(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array) -> None:
-    """Validate ``tgmm`` shapes: lhs [M, K], grad [M, N], group_sizes [G] integer."""
+def check_tgmm_args(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, num_groups: int | None) -> int:
+    """Validate ``tgmm`` shapes: lhs [M, K], grad [M, N], group_sizes [G] integer; return G_local."""
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be 2-D [M, K], got lhs.shape={lhs.shape}")
     if grad.ndim != 2:
@@ -89,18 +129,43 @@ def check_tgmm_args(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array) -> 
         raise ValueError(
             f"grad.shape[0] (M) must equal lhs.shape[0]; got lhs.shape={lhs.shape}, grad.shape={grad.shape}"
         )
-    _check_group_sizes(group_sizes, None)
+    _check_group_sizes(group_sizes)
+    g = group_sizes.shape[0]
+    if num_groups is None:
+        return g
+    if not isinstance(num_groups, (int, np.integer)) or not 0 <= num_groups <= g:
+        raise ValueError(f"num_groups must be a static int in [0, {g}] (group_sizes.shape[0]), got {num_groups!r}")
+    return int(num_groups)
 
 
-def _check_group_sizes(group_sizes: jax.Array, num_groups: int | None) -> None:
+def _check_group_sizes(group_sizes: jax.Array) -> None:
     if group_sizes.ndim != 1 or not _is_int(group_sizes):
         raise ValueError(
             f"group_sizes must be a 1-D integer array, got shape={group_sizes.shape} dtype={group_sizes.dtype}"
         )
-    if num_groups is not None and group_sizes.shape[0] != num_groups:
+
+
+def resolve_group_offset(group_offset: jax.Array | int | None, num_groups: int, num_local: int) -> jax.Array:
+    """``group_offset`` as an int32 scalar array in ``[0, num_groups - num_local]``.
+
+    A concrete value outside that range is an error; a traced one (e.g. from ``lax.axis_index``) is
+    clamped into it, so that no kernel ever indexes past the groups.
+    """
+    if group_offset is None:
+        return jnp.zeros((), jnp.int32)
+    off = jnp.asarray(group_offset)
+    if off.shape != () or not _is_int(off):
+        raise ValueError(f"group_offset must be an integer scalar, got shape={off.shape} dtype={off.dtype}")
+    hi = num_groups - num_local
+    try:
+        value = int(off)
+    except jax.errors.ConcretizationTypeError:  # traced
+        return jnp.clip(off.astype(jnp.int32), 0, hi)
+    if not 0 <= value <= hi:
         raise ValueError(
-            f"group_sizes must have one entry per group (rhs.shape[0]={num_groups}), got shape={group_sizes.shape}"
+            f"group_offset must be in [0, {hi}] (groups {num_groups}, local groups {num_local}), got {value}"
         )
+    return jnp.asarray(value, jnp.int32)
 
 
 def check_routed_args(

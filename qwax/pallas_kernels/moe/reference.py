@@ -16,18 +16,37 @@ def _row_groups(m: int, group_sizes: jax.Array) -> jax.Array:
     return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """[M, K] x [G, K, N] -> [M, N]: row r uses ``rhs[g]`` of its group g; rows past the groups are 0."""
-    g = rhs.shape[0]
-    onehot = jax.nn.one_hot(_row_groups(lhs.shape[0], group_sizes), g, dtype=jnp.float32)  # [M, G]
+def _local_onehot(m: int, group_sizes: jax.Array, group_offset: jax.Array | int, num_local: int) -> jax.Array:
+    """[M, G_local] f32: row r -> its group's index among ``[group_offset, group_offset + G_local)``, or none."""
+    local = _row_groups(m, group_sizes) - jnp.asarray(group_offset, jnp.int32)
+    return jax.nn.one_hot(local, num_local, dtype=jnp.float32)  # out-of-range ids give zero rows
+
+
+def grouped_matmul(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array | int = 0
+) -> jax.Array:
+    """[M, K] x [G_local, K, N] -> [M, N]: row r of group g uses ``rhs[g - group_offset]``.
+
+    Rows outside groups ``[group_offset, group_offset + G_local)`` (and past ``sum(group_sizes)``) are 0.
+    """
+    onehot = _local_onehot(lhs.shape[0], group_sizes, group_offset, rhs.shape[0])  # [M, G_local]
     all_groups = jnp.einsum("mk,gkn->gmn", lhs.astype(jnp.float32), rhs.astype(jnp.float32))
     return jnp.einsum("gmn,mg->mn", all_groups, onehot).astype(lhs.dtype)
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """[M, K], [M, N] -> [G, K, N]: ``out[g] = lhs_g^T @ grad_g`` over the rows of group g."""
-    g = group_sizes.shape[0]
-    onehot = jax.nn.one_hot(_row_groups(lhs.shape[0], group_sizes), g, dtype=jnp.float32)  # [M, G]
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    group_offset: jax.Array | int = 0,
+    num_groups: int | None = None,
+) -> jax.Array:
+    """[M, K], [M, N] -> [G_local, K, N]: ``out[i] = lhs_g^T @ grad_g`` for ``g = group_offset + i``.
+
+    G_local is ``num_groups`` (default: all ``group_sizes.shape[0]`` groups).
+    """
+    num_local = group_sizes.shape[0] if num_groups is None else num_groups
+    onehot = _local_onehot(lhs.shape[0], group_sizes, group_offset, num_local)  # [M, G_local]
     return jnp.einsum("mk,mg,mn->gkn", lhs.astype(jnp.float32), onehot, grad.astype(jnp.float32)).astype(lhs.dtype)
 
 

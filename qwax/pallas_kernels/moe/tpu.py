@@ -1,148 +1,77 @@
-"""Grouped matmul (gmm) and transposed grouped matmul (tgmm) Pallas kernels for TPU (Mosaic).
+"""Grouped matmul (gmm) and transposed grouped matmul (tgmm) on TPU: jax's megablox Pallas kernels.
 
-Both kernels walk a list of *work items*. The rows of ``lhs`` are sorted by group, so each group g
-covers rows ``[offsets[g], offsets[g+1])``, which overlap some range of ``tm``-row tiles. A work item
-is one (group, row tile) pair with a non-empty overlap; items are ordered by group, hence by row
-tile as well. The item list is built in plain JAX (``make_work_items``) and handed to the kernel as
-*scalar prefetch* operands (SMEM), so the BlockSpec index maps can pick, for grid step ``w``, the
-``lhs`` row tile ``m_tile_ids[w]`` and the ``rhs`` slab of group ``group_ids[w]``: the pipeline then
-DMAs exactly the blocks each item needs. The static number of items is bounded by
-``num_row_tiles + num_groups`` (a group adds at most one tile it shares with its predecessor); the
-surplus grid steps repeat the last item's block indices (no new DMA) and skip compute.
+``jax.experimental.pallas.ops.tpu.megablox.gmm`` (``gmm`` / ``tgmm``) walks precomputed (group, row
+tile) work items held in SMEM by scalar prefetch, accumulates over K in a float32 VMEM scratch and
+merges the rows of each group into the output tile with a row mask; ``group_offset`` restricts the
+work to the groups ``[group_offset, group_offset + G_local)`` held by ``rhs`` (expert parallelism).
+qwax used to carry its own TPU kernel of the same design; megablox does everything it did (ragged and
+empty groups, transposed rhs, irregular K/N tiles) plus ``group_offset``, and is maintained with jax,
+so qwax's was removed. This module only adapts shapes and semantics:
 
-gmm: grid ``(N / tn, items, K / tk)``. The K axis is innermost and accumulates into a float32 VMEM
-scratch; on the last K step the rows of the item's group are merged into the output tile with a
-row mask. Consecutive items that share a row tile keep the same output block index, so Pallas keeps
-that tile resident in VMEM and each group fills in its own rows before the tile is written back.
-Rows past ``sum(group_sizes)`` belong to an extra "tail" group whose items write zeros, so every
-output row is written.
+* megablox needs ``M % tm == 0``: lhs (and grad) rows are zero-padded to a multiple of ``tm``; the
+  padding lies past ``sum(group_sizes)``, so it belongs to no group;
+* megablox leaves rows past ``sum(group_sizes)`` uninitialised when ``rhs`` holds all the groups (it
+  zeroes everything outside the local groups otherwise): the wrapper zeroes them in that case, so
+  every row outside the local groups comes out as zero;
+* ``tk`` / ``tn`` larger than K / N are shrunk to the whole dimension (always a legal TPU block, and a
+  wider block would only waste work); smaller tiles that do not divide K / N are left to megablox,
+  which masks the K remainder;
+* operands bfloat16 or float32 (megablox's own restriction), any mix (megablox then computes in f32).
 
-tgmm: grid ``(K / tk, N / tn, items)``. Items of one group are consecutive; the accumulator is reset
-on a group's first item and written to ``out[g]`` on its last. Empty groups get one item whose row
-mask is empty, so their output block is written with zeros.
-
-Tiles respect the TPU (8, 128) layout: ``tm`` is a multiple of 8 (sublanes), ``tk``/``tn`` are
-multiples of 128 (lanes) unless they span the whole (padded) dimension, which Mosaic also accepts.
-Operands are zero-padded to tile multiples by the wrappers.
-
-Verified: forward/backward values in TPU interpret mode (``pltpu.InterpretParams()``) on the CPU.
-Not verified here: Mosaic lowering on real TPU hardware (no TPU available). The kernels only use
-ops Mosaic supports (2-D dot / dot_general with f32 accumulation, iota, compare, select, SMEM scalar
-reads) but the transposed-lhs dot in tgmm relies on Mosaic's transpose support for the tile shape.
+Verified here (no TPU): values and gradients in TPU interpret mode (``pltpu.InterpretParams()``, which
+megablox passes on to ``pallas_call``; it also accepts plain ``True``) on the CPU, and lowering to a
+Mosaic ``tpu_custom_call`` through ``jax.export(platforms=["tpu"])``. Not run on a real TPU: Mosaic's
+compilation of the kernel body, VMEM use at the default tiles and performance are unverified.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as megablox_gmm
+from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as megablox_tgmm
 
 from qwax.pallas_kernels.moe.common import round_up
 
-_F32 = jnp.float32
+# (tm, tk, tn). tm = 128 keeps the work wasted on row tiles shared by two groups small (such a tile is
+# computed once per group); 512-wide K/N tiles keep the MXU busy in ~2 MB of double-buffered VMEM (bf16).
+# Not tuned on hardware.
+DEFAULT_TILES = (128, 512, 512)
 
-# tm = 128 keeps the work wasted on tiles shared by two groups small (each such tile is computed once per
-# group); 512-wide K/N tiles keep the MXU busy and fit comfortably in VMEM (~3.5 MB double-buffered, f32).
-DEFAULT_TILES = (128, 512, 512)  # (tm, tk, tn)
 
+def _check_interpret(interpret: Any) -> Any:
+    """megablox passes ``interpret`` to ``pallas_call``; ``True`` means ``pltpu.InterpretParams()``.
 
-class WorkItems(NamedTuple):
-    """Scalar-prefetch metadata for the TPU kernels (all int32, placed in SMEM).
-
-    group_ids: [W] group of each item (may be ``G``, the tail group, in gmm).
-    m_tile_ids: [W] row tile of each item.
-    offsets: [G' + 1] row offsets of the groups (G' = G + 1 with the tail group).
-    num_items: [1] number of real items; grid steps ``w >= num_items`` are no-ops.
+    (megablox also runs under ``pallas_call(interpret=True)``, the generic interpreter, but the TPU
+    interpreter is the faithful one: it fills uninitialised memory with NaNs, so unwritten rows show.)
     """
-
-    group_ids: jax.Array
-    m_tile_ids: jax.Array
-    offsets: jax.Array
-    num_items: jax.Array
-
-
-def make_work_items(
-    group_sizes: jax.Array, m: int, m_pad: int, tm: int, *, tail_group: bool, visit_empty: bool
-) -> tuple[WorkItems, int]:
-    """Enumerate (group, row tile) work items; returns the items and their static maximum count W.
-
-    Args:
-      group_sizes: [G] int rows per group; groups are clipped to the first ``m`` rows.
-      m: number of real rows; m_pad: rows after padding to a multiple of ``tm``.
-      tail_group: add a group covering ``[sum(group_sizes), m_pad)`` (gmm: it writes the zero rows).
-      visit_empty: give each empty group one item (tgmm: it writes the group's zero gradient).
-    """
-    g = group_sizes.shape[0]
-    num_tiles = m_pad // tm
-    ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
-    if tail_group:
-        ends = jnp.concatenate([ends, jnp.full((1,), m_pad, jnp.int32)])
-    gx = ends.shape[0]
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    nonempty = ends > starts
-    first_tile = jnp.minimum(starts // tm, num_tiles - 1)
-    last_tile = jnp.maximum(ends - 1, 0) // tm
-    count = jnp.where(nonempty, last_tile - first_tile + 1, 1 if visit_empty else 0).astype(jnp.int32)
-    cum = jnp.cumsum(count)
-    item_start = cum - count
-    num_items = cum[-1]
-    w_max = num_tiles + gx  # sum over groups of (tiles overlapped) <= num_tiles + gx - 1
-    # Steps past the last real item replay it: same block indices, so no extra DMA happens.
-    w = jnp.minimum(jnp.arange(w_max, dtype=jnp.int32), jnp.maximum(num_items - 1, 0))
-    gid = jnp.minimum(jnp.searchsorted(cum, w, side="right"), gx - 1).astype(jnp.int32)
-    m_tile = (first_tile[gid] + (w - item_start[gid])).astype(jnp.int32)
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends]).astype(jnp.int32)
-    items = WorkItems(gid, jnp.clip(m_tile, 0, num_tiles - 1), offsets, num_items.reshape(1).astype(jnp.int32))
-    return items, w_max
+    if not interpret:
+        return False
+    if interpret is True:
+        return pltpu.InterpretParams()
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    raise ValueError(f"the TPU kernels take interpret=True or pltpu.InterpretParams(), got interpret={interpret!r}")
 
 
-def _lane_tile(dim: int, t: int) -> tuple[int, int]:
-    """(tile, padded dim) for a lane dimension: the whole dim if it fits in one tile, else tiles of ``t``."""
-    if dim <= t:
-        return dim, dim
-    return t, round_up(dim, t)
-
-
-def _row_tile(m: int, tm: int) -> tuple[int, int]:
-    tm = min(tm, round_up(m, 8))
-    return tm, round_up(m, tm)
-
-
-# ----------------------------------------------------------------------------------------------------
-# gmm
-# ----------------------------------------------------------------------------------------------------
-
-
-def _gmm_kernel(gids, mids, offs, num, lhs_ref, rhs_ref, out_ref, acc_ref, *, num_groups, nk, tm, transpose_rhs):
-    w = pl.program_id(1)
-    kk = pl.program_id(2)
-    gid = gids[w]
-    active = w < num[0]
-
-    @pl.when(kk == 0)
-    def _init():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    # The tail group (gid == num_groups) has no weights: its rows stay zero.
-    @pl.when(active & (gid < num_groups))
-    def _accumulate():
-        rhs_contract = 1 if transpose_rhs else 0
-        acc_ref[...] += jax.lax.dot_general(
-            lhs_ref[...], rhs_ref[...], (((1,), (rhs_contract,)), ((), ())), preferred_element_type=_F32
+def _tiles(tiling: tuple[int, int, int], m: int, k: int, n: int, dtype: jnp.dtype) -> tuple[int, int, int]:
+    """Validate (tm, tk, tn) and fit them to the problem: tm <= M (rounded up to the sublane tile), tk <= K, tn <= N."""
+    tm, tk, tn = (int(t) for t in tiling)
+    if tm <= 0 or tm % 8 or tk <= 0 or tk % 128 or tn <= 0 or tn % 128:
+        raise ValueError(
+            f"TPU tiling (tm, tk, tn) needs tm a positive multiple of 8 and tk, tn positive multiples of 128, "
+            f"got tiling={tiling}"
         )
+    sublanes = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)  # 16 rows per native tile for bf16
+    return min(tm, round_up(max(m, 1), sublanes)), min(tk, k), min(tn, n)
 
-    @pl.when(active & (kk == nk - 1))
-    def _store():
-        start = offs[gid]
-        end = offs[gid + 1]
-        rows = mids[w] * tm + jax.lax.broadcasted_iota(jnp.int32, acc_ref.shape, 0)
-        mask = (rows >= start) & (rows < end)
-        # The first item of a tile sees uninitialised output; select() never propagates it.
-        out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(_F32)).astype(out_ref.dtype)
+
+def _zero_rows_past_groups(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    end = jnp.sum(group_sizes.astype(jnp.int32))
+    return jnp.where((jnp.arange(out.shape[0]) < end)[:, None], out, 0).astype(out.dtype)
 
 
 def gmm(
@@ -150,98 +79,42 @@ def gmm(
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
+    group_offset: jax.Array | int = 0,
     transpose_rhs: bool = False,
     tiling: tuple[int, int, int] = DEFAULT_TILES,
     interpret: Any = False,
 ) -> jax.Array:
-    """Grouped matmul on TPU: ``out[r] = lhs[r] @ rhs[g(r)]`` (``rhs[g(r)].T`` if ``transpose_rhs``).
+    """Grouped matmul on TPU: ``out[r] = lhs[r] @ rhs[g(r) - group_offset]`` (``.T`` with ``transpose_rhs``).
 
     Args:
-      lhs: [M, K] rows sorted by group.
-      rhs: [G, K, N] (or [G, N, K] with ``transpose_rhs``).
-      group_sizes: [G] int32, ``sum <= M``; rows past the sum come out as zeros.
-      tiling: (tm, tk, tn) tile sizes.
-      interpret: passed to ``pl.pallas_call`` (``pltpu.InterpretParams()`` to simulate on CPU).
+      lhs: [M, K] rows sorted by group (all G groups of ``group_sizes``).
+      rhs: [G_local, K, N] (or [G_local, N, K] with ``transpose_rhs``): groups
+        ``[group_offset, group_offset + G_local)``.
+      group_sizes: [G] int32, ``sum <= M``.
+      group_offset: int32 scalar in ``[0, G - G_local]``.
+      tiling: (tm, tk, tn); tm a multiple of 8, tk and tn multiples of 128.
+      interpret: False, or True / ``pltpu.InterpretParams()`` for TPU interpret mode on the CPU.
     Returns:
-      [M, N] in ``lhs.dtype``.
+      [M, N] in ``lhs.dtype``; rows outside the local groups are zero.
     """
-    m, kdim = lhs.shape
-    g = rhs.shape[0]
+    m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tk, tn = tiling
-    tm, m_pad = _row_tile(m, tm)
-    tk, k_pad = _lane_tile(kdim, tk)
-    tn, n_pad = _lane_tile(n, tn)
-    lhs_p = jnp.pad(lhs, ((0, m_pad - m), (0, k_pad - kdim)))
-    if transpose_rhs:
-        rhs_p = jnp.pad(rhs, ((0, 0), (0, n_pad - n), (0, k_pad - kdim)))
-    else:
-        rhs_p = jnp.pad(rhs, ((0, 0), (0, k_pad - kdim), (0, n_pad - n)))
-    items, w_max = make_work_items(group_sizes, m, m_pad, tm, tail_group=True, visit_empty=False)
-    nk = k_pad // tk
-
-    def lhs_map(ni, w, kk, gids, mids, offs, num):
-        return mids[w], kk
-
-    def rhs_map(ni, w, kk, gids, mids, offs, num):
-        gi = jnp.minimum(gids[w], g - 1)  # tail group: fetch any slab, it is not used
-        return (gi, ni, kk) if transpose_rhs else (gi, kk, ni)
-
-    def out_map(ni, w, kk, gids, mids, offs, num):
-        return mids[w], ni
-
-    rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4,
-        grid=(n_pad // tn, w_max, nk),
-        in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
-        out_specs=pl.BlockSpec((tm, tn), out_map),
-        scratch_shapes=[pltpu.VMEM((tm, tn), _F32)],
+    tm, tk, tn = _tiles(tiling, m, k, n, lhs.dtype)
+    m_pad = round_up(m, tm)
+    lhs_p = lhs if m_pad == m else jnp.pad(lhs, ((0, m_pad - m), (0, 0)))
+    out = megablox_gmm(
+        lhs_p,
+        rhs,
+        group_sizes.astype(jnp.int32),
+        preferred_element_type=lhs.dtype,
+        tiling=(tm, tk, tn),
+        group_offset=jnp.asarray(group_offset, jnp.int32),
+        transpose_rhs=transpose_rhs,
+        interpret=_check_interpret(interpret),
     )
-    kernel = functools.partial(_gmm_kernel, num_groups=g, nk=nk, tm=tm, transpose_rhs=transpose_rhs)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), lhs.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        interpret=interpret,
-        name="qwax_moe_gmm",
-    )(*items, lhs_p, rhs_p)
-    return out[:m, :n]
-
-
-# ----------------------------------------------------------------------------------------------------
-# tgmm
-# ----------------------------------------------------------------------------------------------------
-
-
-def _tgmm_kernel(gids, mids, offs, num, lhs_ref, grad_ref, out_ref, acc_ref, *, tm, w_max):
-    w = pl.program_id(2)
-    gid = gids[w]
-    n_items = num[0]
-    active = w < n_items
-    first = (w == 0) | (gid != gids[jnp.maximum(w - 1, 0)])
-    last = (w == n_items - 1) | (gid != gids[jnp.minimum(w + 1, w_max - 1)])
-
-    @pl.when(active & first)
-    def _init():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    @pl.when(active)
-    def _accumulate():
-        start = offs[gid]
-        end = offs[gid + 1]
-        row = mids[w] * tm
-        lhs_rows = row + jax.lax.broadcasted_iota(jnp.int32, lhs_ref.shape, 0)
-        grad_rows = row + jax.lax.broadcasted_iota(jnp.int32, grad_ref.shape, 0)
-        # Mask both operands: rows of other groups must not contribute, and 0 * non-finite would.
-        lhs = jnp.where((lhs_rows >= start) & (lhs_rows < end), lhs_ref[...], 0)
-        grad = jnp.where((grad_rows >= start) & (grad_rows < end), grad_ref[...], 0)
-        acc_ref[...] += jax.lax.dot_general(lhs, grad, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
-
-    @pl.when(active & last)
-    def _store():
-        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+    if rhs.shape[0] == group_sizes.shape[0]:  # megablox zeroes the non-local rows only when G_local < G
+        out = _zero_rows_past_groups(out, group_sizes)
+    return out if m_pad == m else out[:m]
 
 
 def tgmm(
@@ -249,51 +122,37 @@ def tgmm(
     grad: jax.Array,
     group_sizes: jax.Array,
     *,
+    group_offset: jax.Array | int = 0,
+    num_groups: int | None = None,
     tiling: tuple[int, int, int] = DEFAULT_TILES,
     interpret: Any = False,
 ) -> jax.Array:
-    """Per-group ``lhs_g^T @ grad_g`` on TPU.
+    """Per-group ``lhs_g^T @ grad_g`` on TPU for the local groups.
 
     Args:
-      lhs: [M, K], grad: [M, N], rows sorted by group; group_sizes: [G] int32 (``sum <= M``).
-      tiling: (tm, tk, tn); tm is the contraction tile here.
+      lhs: [M, K], grad: [M, N], rows sorted by group; group_sizes: [G] int32 (``sum <= M``; rows past
+        the sum are ignored).
+      group_offset: int32 scalar, first group computed; num_groups: G_local (default G).
+      tiling: (tm, tk, tn); tm is the contracted row tile here.
+      interpret: as in :func:`gmm`.
     Returns:
-      [G, K, N] in ``lhs.dtype``; empty groups are zero.
+      [G_local, K, N] in ``lhs.dtype``: ``out[i] = lhs_g^T @ grad_g`` for ``g = group_offset + i``; empty
+      groups give zeros.
     """
-    m, kdim = lhs.shape
+    m, k = lhs.shape
     n = grad.shape[1]
-    g = group_sizes.shape[0]
-    tm, tk, tn = tiling
-    tm, m_pad = _row_tile(m, tm)
-    tk, k_pad = _lane_tile(kdim, tk)
-    tn, n_pad = _lane_tile(n, tn)
-    lhs_p = jnp.pad(lhs, ((0, m_pad - m), (0, k_pad - kdim)))
-    grad_p = jnp.pad(grad, ((0, m_pad - m), (0, n_pad - n)))
-    items, w_max = make_work_items(group_sizes, m, m_pad, tm, tail_group=False, visit_empty=True)
-
-    def lhs_map(ki, ni, w, gids, mids, offs, num):
-        return mids[w], ki
-
-    def grad_map(ki, ni, w, gids, mids, offs, num):
-        return mids[w], ni
-
-    def out_map(ki, ni, w, gids, mids, offs, num):
-        return gids[w], ki, ni
-
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4,
-        grid=(k_pad // tk, n_pad // tn, w_max),
-        in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), grad_map)],
-        out_specs=pl.BlockSpec((None, tk, tn), out_map),
-        scratch_shapes=[pltpu.VMEM((tk, tn), _F32)],
+    tm, tk, tn = _tiles(tiling, m, k, n, lhs.dtype)
+    m_pad = round_up(m, tm)
+    if m_pad != m:
+        lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0)))
+        grad = jnp.pad(grad, ((0, m_pad - m), (0, 0)))
+    return megablox_tgmm(
+        lhs.T,  # megablox takes lhs as [K, M] and transposes it back: XLA cancels the two transposes
+        grad,
+        group_sizes.astype(jnp.int32),
+        preferred_element_type=lhs.dtype,
+        tiling=(tm, tk, tn),
+        group_offset=jnp.asarray(group_offset, jnp.int32),
+        num_actual_groups=num_groups,
+        interpret=_check_interpret(interpret),
     )
-    kernel = functools.partial(_tgmm_kernel, tm=tm, w_max=w_max)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((g, k_pad, n_pad), lhs.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-        name="qwax_moe_tgmm",
-    )(*items, lhs_p, grad_p)
-    return out[:, :kdim, :n]

@@ -361,10 +361,11 @@ def routed_experts_cpu(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _group_offsets(group_sizes: jax.Array, m: int) -> jax.Array:
-    """[G + 1] exclusive prefix sum of the group sizes, clipped to the ``m`` rows that exist."""
+def _local_offsets(group_sizes: jax.Array, group_offset: jax.Array | int, num_local: int, m: int) -> jax.Array:
+    """[G_local + 1] row offsets of groups ``group_offset .. group_offset + G_local``, clipped to ``m`` rows."""
     ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32), dtype=jnp.int32), m)
-    return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+    return jax.lax.dynamic_slice_in_dim(offsets, jnp.asarray(group_offset, jnp.int32), num_local + 1)
 
 
 def gmm_cpu(
@@ -373,13 +374,15 @@ def gmm_cpu(
     group_sizes: jax.Array,
     row_tiles: tuple[int, ...] | None = None,
     transpose_rhs: bool = False,
+    group_offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """Grouped matmul by a sorted loop over groups and row tiles (cost ~ M, not G * M).
+    """Grouped matmul by a sorted loop over the local groups and row tiles (cost ~ M, not G * M).
 
-    ``rhs`` is [G, K, N], or [G, N, K] with ``transpose_rhs`` (contracted on its last dim).
+    ``rhs`` is [G_local, K, N], or [G_local, N, K] with ``transpose_rhs`` (contracted on its last dim),
+    holding groups ``[group_offset, group_offset + G_local)`` of ``group_sizes`` [G].
 
     Each tile's result is written with ``dynamic_update_slice`` in group order, so a tile that overruns
-    its group is overwritten by the next group's first tile; rows past ``sum(group_sizes)`` are zeroed
+    its group is overwritten by the next group's first tile; rows outside the local groups are zeroed
     at the end.
     """
     m, kdim = lhs.shape
@@ -388,7 +391,7 @@ def gmm_cpu(
     tiles = tuple(row_tiles) if row_tiles is not None else default_row_tiles(m, g)
     pad = _pad_rows(tiles)
     lhs_p = jnp.pad(lhs, ((0, pad), (0, 0)))
-    offsets = _group_offsets(group_sizes, m)
+    offsets = _local_offsets(group_sizes, group_offset, g, m)
     contract = (1, 1) if transpose_rhs else (1, 0)
 
     def group_body(gi, out):
@@ -401,19 +404,30 @@ def gmm_cpu(
         return _ladder_loop(offsets[gi], offsets[gi + 1] - offsets[gi], tiles, tile_fn, out)
 
     out = jax.lax.fori_loop(0, g, group_body, jnp.zeros((m + pad, n), lhs.dtype))[:m]
-    return jnp.where((jnp.arange(m) < offsets[-1])[:, None], out, 0)
+    rows = jnp.arange(m)
+    return jnp.where(((rows >= offsets[0]) & (rows < offsets[-1]))[:, None], out, 0)
 
 
-def tgmm_cpu(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, row_tiles: tuple[int, ...] | None = None) -> jax.Array:
-    """Per-group ``lhs_g^T @ grad_g`` [G, K, N] by a sorted loop; empty groups give zeros."""
+def tgmm_cpu(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    row_tiles: tuple[int, ...] | None = None,
+    group_offset: jax.Array | int = 0,
+    num_groups: int | None = None,
+) -> jax.Array:
+    """Per-group ``lhs_g^T @ grad_g`` [G_local, K, N] by a sorted loop; empty groups give zeros.
+
+    Groups ``group_offset .. group_offset + G_local - 1`` with G_local = ``num_groups`` (default all).
+    """
     m, kdim = lhs.shape
     n = grad.shape[1]
-    g = group_sizes.shape[0]
+    g = group_sizes.shape[0] if num_groups is None else num_groups
     tiles = tuple(row_tiles) if row_tiles is not None else default_row_tiles(m, g)
     pad = _pad_rows(tiles)
     lhs_p = jnp.pad(lhs, ((0, pad), (0, 0)))
     grad_p = jnp.pad(grad, ((0, pad), (0, 0)))
-    offsets = _group_offsets(group_sizes, m)
+    offsets = _local_offsets(group_sizes, group_offset, g, m)
 
     def group_body(gi, out):
         end = offsets[gi + 1]
@@ -434,28 +448,46 @@ def tgmm_cpu(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, row_tiles:
     return jax.lax.fori_loop(0, g, group_body, jnp.zeros((g, kdim, n), lhs.dtype))
 
 
-def gmm_ragged(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Grouped matmul via ``jax.lax.ragged_dot`` (a real grouped matmul on TPU/GPU; dense on CPU)."""
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=_F32).astype(lhs.dtype)
+def _shift_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """``jnp.roll`` along rows by a traced amount (brings the local groups' first row to row 0 and back)."""
+    return jnp.roll(x, shift, axis=0)
 
 
-def tgmm_ragged(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """tgmm as the rhs-cotangent of ``ragged_dot``: XLA emits its own ragged (transposed) kernel."""
-    g = group_sizes.shape[0]
+def gmm_ragged(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array | int | None = None
+) -> jax.Array:
+    """Grouped matmul via ``jax.lax.ragged_dot`` (a real grouped matmul on TPU/GPU; dense on CPU).
+
+    ``ragged_dot`` has no group offset: with one, the local groups' rows are rolled to the top (one
+    copy of lhs and of the output), multiplied with the local group sizes, and rolled back; ragged_dot
+    zeroes the rows past its groups, which are exactly the non-local rows.
+    """
+    def ragged(a, sizes):
+        return jax.lax.ragged_dot(a, rhs, sizes.astype(jnp.int32), preferred_element_type=_F32).astype(lhs.dtype)
+
+    if group_offset is None:
+        return ragged(lhs, group_sizes)
+    offsets = _local_offsets(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
+    out = ragged(_shift_rows(lhs, -offsets[0]), jnp.diff(offsets))
+    return _shift_rows(out, offsets[0])
+
+
+def tgmm_ragged(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    group_offset: jax.Array | int | None = None,
+    num_groups: int | None = None,
+) -> jax.Array:
+    """tgmm as the rhs-cotangent of ``ragged_dot``: XLA emits its own ragged (transposed) kernel.
+
+    With a group offset, rows are rolled as in :func:`gmm_ragged` (rows past the local groups are ignored).
+    """
+    g = group_sizes.shape[0] if num_groups is None else num_groups
+    if group_offset is not None:
+        offsets = _local_offsets(group_sizes, group_offset, g, lhs.shape[0])
+        lhs, grad = _shift_rows(lhs, -offsets[0]), _shift_rows(grad, -offsets[0])
+        group_sizes = jnp.diff(offsets)
     rhs0 = jnp.zeros((g, lhs.shape[1], grad.shape[1]), lhs.dtype)
     _, vjp = jax.vjp(lambda r: jax.lax.ragged_dot(lhs, r, group_sizes.astype(jnp.int32)), rhs0)
     return vjp(grad.astype(lhs.dtype))[0]
-
-
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Backend-appropriate XLA grouped matmul (no custom VJP; see ``grouped_matmul.py``)."""
-    if jax.default_backend() == "cpu":
-        return gmm_cpu(lhs, rhs, group_sizes)
-    return gmm_ragged(lhs, rhs, group_sizes)
-
-
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Backend-appropriate XLA tgmm."""
-    if jax.default_backend() == "cpu":
-        return tgmm_cpu(lhs, grad, group_sizes)
-    return tgmm_ragged(lhs, grad, group_sizes)
