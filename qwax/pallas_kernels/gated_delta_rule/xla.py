@@ -1,4 +1,4 @@
-"""Chunked gated delta rule in plain JAX (ARCHITECTURE.md §4.5), shaped for XLA on the CPU.
+"""Chunked gated delta rule in plain JAX, shaped for XLA on the CPU.
 
 The sequence is cut into chunks of C tokens. Per (batch, value head, chunk), positions i, j in [0, C):
 
@@ -23,14 +23,17 @@ How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delt
 - T is the one step that needs a sequential loop (over its C rows). It is computed inside the scan step,
   where it does not depend on the state, so XLA overlaps it with the state matmuls on a second core; this
   was faster than computing T for all chunks (or groups of chunks) before the scan, and T is never stored.
-- The chunk layout is token-major ([N, B, C, H, d]), a free reshape of the [B, L, H, d] input when B == 1.
+- Chunks are token-major ([N, B, C, H, d]), a free reshape of the [B, L, H, d] input when B == 1, for
+  autodiff (which stores them); the forward-only loop makes one head-major copy ([N, B, H, C, d]) of q, k, v
+  before it and of the outputs after it instead of transposing every chunk. Q and K share one product with
+  K^T and one with the state ([Q; K] stacked along the chunk axis).
 - Autodiff stores one [dk, dv] state per chunk (the scan body is rematerialised), never one per token as
   the per-token scan does.
 - The forward alone (prefill, evaluation) overwrites each chunk of beta * V with that chunk's outputs instead
-  of scanning into a fresh output buffer: 93 -> 84 ms at L=4096, chunk 32. A custom VJP sends
+  of scanning into a fresh output buffer, in a loop unrolled by `_CHUNK_UNROLL` chunks. A custom VJP sends
   differentiation to the scan form.
 - The [C, C]-sized work (T, Q K^T, applying T) grows with C while the state work does not: on the CPU,
-  chunk_size=32 measured ~25% faster than 64 at L=4096.
+  chunk_size=32 is the default there (`default_chunk_size`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+# Chunks per iteration of the forward-only loop. On the CPU a loop iteration costs a fixed overhead on top of its
+# small per-chunk products; unrolling 4-8 chunks took the L=4096 forward from ~68-74 ms to ~56-60 ms.
+_CHUNK_UNROLL = 8
 
 
 @jax.custom_vjp
@@ -194,6 +201,7 @@ def _chunked_loop(q, k, v, g, beta, initial_state, segment_ids, scale: float, c:
     v_scaled = v * jnp.moveaxis(beta, -1, 2)[..., None]  # beta * V, [N, B, C, Hk, r, dv]
 
     def chunk_step(s, v_n, xs):
+        # Head-major: q_n, k_n [B, Hk, C, dk], v_n [B, Hk, r, C, dv]; returns o in v_n's layout.
         # s is the transposed state S^T [B, Hk, r, dv, dk], the layout the update matmul produces.
         q_n, k_n, beta_n, same_n, gcum_n, q_scale_n, w_scale_n, to_end_n, chunk_decay_n = xs
         # D [B, Hk, r, C, C]. Mask the exponent, not the result: G_i - G_j is >= 0 above the diagonal and
@@ -201,22 +209,35 @@ def _chunked_loop(q, k, v, g, beta, initial_state, segment_ids, scale: float, c:
         mask = causal if same_n is None else same_n
         decay = jnp.exp(jnp.where(mask, gcum_n[..., :, None] - gcum_n[..., None, :], -jnp.inf))
         # T does not depend on the state: XLA runs its row loop alongside the K S and Q S matmuls.
-        kk = _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", k_n, k_n), r)
+        # Q and K stacked along the chunk axis: one product each for [Q; K] K^T and [Q; K] S.
+        qk_n = jnp.concatenate([q_n, k_n], axis=2)  # [B, Hk, 2C, dk]
+        both_k = jnp.einsum("bhid,bhjd->bhij", qk_n, k_n)  # [B, Hk, 2C, C]
+        qk, kk = (_share_across_value_heads(x, r) for x in (both_k[..., :c, :], both_k[..., c:, :]))
+        both_s = jnp.einsum("bhcd,bhred->bhrce", qk_n, s)  # [B, Hk, r, 2C, dv]
         t_n = _unit_lower_inverse(jnp.where(strictly_lower, beta_n[..., :, None] * kk * decay, 0.0))
         # V' = U - W S = T (beta V - w_scale * (K S)): T is applied once, to the corrected values.
-        residual = jnp.moveaxis(v_n, 1, 3) - w_scale_n[..., None] * jnp.einsum("bchd,bhred->bhrce", k_n, s)
+        residual = v_n - w_scale_n[..., None] * both_s[..., c:, :]
         v_new = jnp.einsum("bhrij,bhrje->bhrie", t_n, residual)  # [B, Hk, r, C, dv]
-        qk = _share_across_value_heads(jnp.einsum("bihd,bjhd->bhij", q_n, k_n), r)
-        o = q_scale_n[..., None] * jnp.einsum("bchd,bhred->bhrce", q_n, s)
+        o = q_scale_n[..., None] * both_s[..., :c, :]
         o = o + jnp.einsum("bhrij,bhrje->bhrie", scale * qk * decay, v_new)
         s = chunk_decay_n[..., None, None] * s + jnp.einsum(
-            "bhrce,bchd->bhred", to_end_n[..., None] * v_new, k_n
+            "bhrce,bhcd->bhred", to_end_n[..., None] * v_new, k_n
         )
-        return s, jnp.moveaxis(o, 3, 1)  # [B, C, Hk, r, dv]
+        return s, o
+
+    def token_major_step(s, v_n, q_n, k_n, *rest):  # chunk_step on [B, C, H, ...] chunks
+        s, o = chunk_step(s, jnp.moveaxis(v_n, 1, 3), (jnp.moveaxis(q_n, 1, 2), jnp.moveaxis(k_n, 1, 2), *rest))
+        return s, jnp.moveaxis(o, 3, 1)
 
     s0 = jnp.swapaxes(initial_state.reshape(b, hk, r, dk, dv), -1, -2)
     xs = (q, k, beta, same, gcum, q_scale, w_scale, to_end, chunk_decay)
     if in_place:
+        # Head-major copies made once, rather than transposed copies of each chunk inside the loop (autodiff
+        # would store them: the scan below works on the token-major chunks, free views of the input when B == 1).
+        q, k = (jnp.moveaxis(x, 2, 3) for x in (q, k))  # [N, B, Hk, C, dk]
+        v_scaled = jnp.moveaxis(v_scaled, 2, 4)  # [N, B, Hk, r, C, dv]
+        xs = (q, k, *xs[2:])
+
         # Chunk i of beta * V is read only by step i: overwrite it with that chunk's outputs.
         def body(i, carry):
             s, buf = carry
@@ -224,10 +245,12 @@ def _chunked_loop(q, k, v, g, beta, initial_state, segment_ids, scale: float, c:
             s, o_i = chunk_step(s, at_i(buf), jax.tree.map(at_i, xs))
             return s, jax.lax.dynamic_update_index_in_dim(buf, o_i, i, 0)
 
-        s_final, o = jax.lax.fori_loop(0, n, body, (s0, v_scaled))
+        s_final, o = jax.lax.fori_loop(0, n, body, (s0, v_scaled), unroll=_CHUNK_UNROLL)
+        o = jnp.moveaxis(o, 4, 2)  # [N, B, C, Hk, r, dv]
     else:
         # Rematerialise the step in the backward pass: autodiff then keeps only the per-chunk start states.
-        s_final, o = jax.lax.scan(jax.checkpoint(lambda s, x: chunk_step(s, *x)), s0, (v_scaled, xs))
+        s_final, o = jax.lax.scan(jax.checkpoint(lambda s, x: token_major_step(s, x[0], *x[1])), s0,
+                                  (v_scaled, xs))
     o = jnp.swapaxes(o, 0, 1).reshape(b, n * c, hv, dv)[:, :length]
     return o.astype(out_dtype), jnp.swapaxes(s_final, -1, -2).reshape(b, hv, dk, dv)
 
