@@ -85,6 +85,16 @@ def max_rel_err(got: Any, want: Any) -> float:
     return max(errs)
 
 
+def compare(name: str, make: Callable[[dict], Callable], args: tuple, *, pallas: dict, oracle: dict, tol: float,
+            repeats: int, flops: float, nbytes: float) -> Row:
+    """One row: `make(impl kwargs)` -> a jitted function of `args`; Pallas against `oracle` (values), timed against
+    the XLA path."""
+    f_pallas, f_oracle, f_xla = make(pallas), make(oracle), make(dict(impl="xla"))
+    err = max_rel_err(f_pallas(*args), f_oracle(*args))
+    return Row(name, err <= tol, err, tol, time_ms(f_pallas, *args, repeats=repeats),
+               time_ms(f_xla, *args, repeats=repeats), flops, nbytes)
+
+
 def gdn_inputs(b: int, l: int, hk: int, hv: int, dk: int, dv: int, dtype) -> tuple:
     keys = jax.random.split(jax.random.key(0), 7)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
@@ -112,29 +122,23 @@ def check_gdn(size: dict, family: str, dtype, repeats: int) -> list[Row]:
         return jax.jit(jax.grad(f, argnums=tuple(range(6))))
 
     args = (q, k, v, g, beta, s0)
-    f_pallas, f_ref, f_xla = fwd(pallas), fwd(dict(impl="reference")), fwd(dict(impl="xla"))
-    err = max_rel_err(f_pallas(*args), f_ref(*args))
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
     itemsize = jnp.dtype(dtype).itemsize
     c = 64
     flops = b * l * hv * (3 * 2 * dk * dv + 2 * c * (3 * dk + 2 * dv))
     io = b * l * (2 * hk * dk + 2 * hv * dv) * itemsize + b * hv * dk * dv * 4 * 2
-    rows = [Row("gdn forward", err <= tol, err, tol, time_ms(f_pallas, *args, repeats=repeats),
-                time_ms(f_xla, *args, repeats=repeats), flops, io)]
-    g_pallas, g_xla = loss(pallas), loss(dict(impl="xla"))
-    err = max_rel_err(g_pallas(*args), g_xla(*args))
-    rows.append(Row("gdn forward+backward", err <= 5 * tol, err, 5 * tol, time_ms(g_pallas, *args, repeats=repeats),
-                    time_ms(g_xla, *args, repeats=repeats), 3 * flops, 3 * io))
+    common = dict(pallas=pallas, repeats=repeats)
+    rows = [compare("gdn forward", fwd, args, oracle=dict(impl="reference"), tol=tol, flops=flops, nbytes=io,
+                    **common),
+            compare("gdn forward+backward", loss, args, oracle=dict(impl="xla"), tol=5 * tol, flops=3 * flops,
+                    nbytes=3 * io, **common)]
 
     bd = size["decode_b"]
     qd, kd, vd, gd, bed = (x[:, 0] for x in gdn_inputs(bd, 1, hk, hv, dk, dv, dtype)[:5])
     sd = 0.1 * jax.random.normal(jax.random.key(1), (bd, hv, dk, dv))
     step = lambda kw: jax.jit(lambda *a: gated_delta_rule_step(*a, **kw))  # noqa: E731
-    d_pallas, d_xla = step(pallas), step(dict(impl="xla"))
-    dargs = (qd, kd, vd, gd, bed, sd)
-    err = max_rel_err(d_pallas(*dargs), d_xla(*dargs))
-    rows.append(Row("gdn decode step", err <= tol, err, tol, time_ms(d_pallas, *dargs, repeats=repeats),
-                    time_ms(d_xla, *dargs, repeats=repeats), bd * hv * 6 * dk * dv, bd * hv * dk * dv * 4 * 2))
+    rows.append(compare("gdn decode step", step, (qd, kd, vd, gd, bed, sd), oracle=dict(impl="xla"), tol=tol,
+                        flops=bd * hv * 6 * dk * dv, nbytes=bd * hv * dk * dv * 4 * 2, **common))
     return rows
 
 
@@ -153,35 +157,20 @@ def check_moe(size: dict, family: str, dtype, repeats: int) -> list[Row]:
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-3
     itemsize = jnp.dtype(dtype).itemsize
     used = float(sizes.sum())
-    rows = []
-
+    common = dict(pallas=pallas, oracle=dict(impl="reference"), tol=tol, repeats=repeats)
     gmm = lambda kw: jax.jit(lambda a, b, s: grouped_matmul(a, b, s, **kw))  # noqa: E731
-    f_pallas, f_ref, f_xla = gmm(pallas), gmm(dict(impl="reference")), gmm(dict(impl="xla"))
-    args = (lhs, rhs, group_sizes)
-    err = max_rel_err(f_pallas(*args), f_ref(*args))
-    rows.append(Row("grouped matmul", err <= tol, err, tol, time_ms(f_pallas, *args, repeats=repeats),
-                    time_ms(f_xla, *args, repeats=repeats), 2 * used * kdim * n,
-                    (m * kdim + groups * kdim * n + m * n) * itemsize))
-
     t = lambda kw: jax.jit(lambda a, b, s: tgmm(a, b, s, **kw))  # noqa: E731
-    t_pallas, t_ref, t_xla = t(pallas), t(dict(impl="reference")), t(dict(impl="xla"))
-    targs = (lhs, grad, group_sizes)
-    err = max_rel_err(t_pallas(*targs), t_ref(*targs))
-    rows.append(Row("tgmm", err <= tol, err, tol, time_ms(t_pallas, *targs, repeats=repeats),
-                    time_ms(t_xla, *targs, repeats=repeats), 2 * used * kdim * n,
-                    (m * kdim + m * n + groups * kdim * n) * itemsize))
 
     def vjp(kw):
         def f(a, b):
             return jnp.sum(grouped_matmul(a, b, group_sizes, **kw).astype(jnp.float32) * grad.astype(jnp.float32))
         return jax.jit(jax.grad(f, argnums=(0, 1)))
-    v_pallas, v_ref = vjp(pallas), vjp(dict(impl="reference"))
-    err = max_rel_err(v_pallas(lhs, rhs), v_ref(lhs, rhs))
-    rows.append(Row("grouped matmul gradients", err <= tol, err, tol,
-                    time_ms(v_pallas, lhs, rhs, repeats=repeats), time_ms(vjp(dict(impl="xla")), lhs, rhs,
-                                                                          repeats=repeats),
-                    4 * used * kdim * n, 2 * (m * kdim + groups * kdim * n + m * n) * itemsize))
-    return rows
+
+    io = (m * kdim + groups * kdim * n + m * n) * itemsize  # each op reads two of these and writes the third
+    return [compare("grouped matmul", gmm, (lhs, rhs, group_sizes), flops=2 * used * kdim * n, nbytes=io, **common),
+            compare("tgmm", t, (lhs, grad, group_sizes), flops=2 * used * kdim * n, nbytes=io, **common),
+            compare("grouped matmul gradients", vjp, (lhs, rhs), flops=4 * used * kdim * n, nbytes=2 * io,
+                    **common)]
 
 
 def check_model(device_impl: dict) -> list[Row]:
