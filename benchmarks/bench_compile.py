@@ -19,8 +19,9 @@ import qwax
 
 
 def compile_seconds(layers: int, scan: bool, seq: int) -> float:
-    cfg = qwax.get_preset("tiny-moe", num_hidden_layers=layers, scan_layers=scan)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    cfg = qwax.get_preset("tiny-moe", num_hidden_layers=layers)
+    opts = qwax.RunOptions(scan_layers=scan)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: qwax.QwaxForCausalLM(cfg, opts, rngs=nnx.Rngs(0))))
     ids = jax.ShapeDtypeStruct((1, seq), jnp.int32)
     start = time.perf_counter()
     jax.jit(qwax.forward, static_argnums=0).lower(graphdef, params, ids).compile()

@@ -32,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 import qwax
-from qwax.inference import Cache, cache_bytes, init_cache, prefill
-from qwax.inference.generate import decode_step
+from qwax.inference import Cache, cache_bytes, decode_step, init_cache, prefill
+from qwax.options import RunOptions, split_overrides
 from qwax.train.recipes import parse_model_override
 
 HF_FIELDS = dict(vocab_size=1024, hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
@@ -46,15 +46,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def prefilled(graphdef, params, cfg, context: int, chunk: int, steps: int) -> tuple[jax.Array, Cache, float]:
+def prefilled(graphdef, params, cfg, opts, context: int, chunk: int, steps: int) -> tuple[jax.Array, Cache, float]:
     """(logits, cache, prefill tokens/s) after a chunked prefill of `context` random tokens, with room for `steps`."""
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, context), dtype=np.int32)
     mask = np.ones_like(ids)
     # Compile the prefill chunk first so the throughput below is steady state.
-    _, warm = prefill(graphdef, params, init_cache(cfg, 1, context + steps + 1), ids[:, :chunk], mask[:, :chunk], chunk)
+    _, warm = prefill(graphdef, params, init_cache(cfg, opts, 1, context + steps + 1), ids[:, :chunk], mask[:, :chunk],
+                      chunk)
     jax.block_until_ready(warm)
     del warm
-    cache = init_cache(cfg, 1, context + steps + 1)
+    cache = init_cache(cfg, opts, 1, context + steps + 1)
     start = time.perf_counter()
     logits, cache = prefill(graphdef, params, cache, ids, mask, chunk)
     jax.block_until_ready(logits)
@@ -113,8 +114,10 @@ def main() -> None:
     for item in args.overrides:
         name, value = parse_model_override(item, fields)
         fields[name] = value
-    cfg = qwax.QwaxConfig(model_type="qwen3_5_moe_text", **fields)
-    model = qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0))
+    config_fields, option_fields = split_overrides(fields)
+    cfg = qwax.QwaxConfig(model_type="qwen3_5_moe_text", **config_fields)
+    opts = RunOptions(**option_fields)
+    model = qwax.QwaxForCausalLM(cfg, opts, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     print(f"config: {cfg.num_hidden_layers} layers ({cfg.layer_types.count('full_attention')} attention), "
           f"hidden {cfg.hidden_size}, {cfg.num_experts} experts top-{cfg.num_experts_per_tok}; KV values per token "
@@ -124,7 +127,7 @@ def main() -> None:
     print(f"{'context':>8s} {'prefill tok/s':>14s} {'peak RSS GiB':>13s} {'cache B/token':>14s}")
     states = {}
     for context in contexts:
-        logits, cache, rate = prefilled(graphdef, params, cfg, context, min(args.chunk, context),
+        logits, cache, rate = prefilled(graphdef, params, cfg, opts, context, min(args.chunk, context),
                                         args.rounds * args.steps + 1)
         print(f"{context:8d} {rate:14.0f} {peak_rss_gib():13.2f} {cache_bytes(cache) / context:14.0f}")
         states[context] = [logits, cache]

@@ -28,6 +28,7 @@ from flax import nnx
 
 import qwax
 from qwax.cpu_allocator import keep_freed_memory_for_benchmark
+from qwax.options import split_overrides
 from qwax.train.metrics import flops_per_token, measure_peak_flops
 from qwax.train.optim import make_optimizer
 from qwax.train.recipes import parse_model_override
@@ -37,20 +38,23 @@ BENCH = dict(model_type="qwen3_5_moe_text", vocab_size=8192, hidden_size=512, nu
              full_attention_interval=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
              linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
              num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256, shared_expert_intermediate_size=256,
-             mrope_section=(3, 3, 2), mrope_interleaved=True, max_position_embeddings=8192, dtype="float32",
-             param_dtype="float32",
-             # CPU choices, measured on this config (seconds per step): unrolled layers 5.8 vs 6.7 scanned (the
+             mrope_section=(3, 3, 2), mrope_interleaved=True, max_position_embeddings=8192)
+# Run options (qwax.RunOptions), overridable with model.FIELD=value like the config fields.
+BENCH_OPTIONS = dict(dtype="float32", param_dtype="float32",
+                     # CPU choices, measured on this config (seconds per step): unrolled layers 5.8 vs 6.7 scanned (the
              # scan copies each layer's weights out of the stack, and their gradients back, every step); GDN
              # chunks of 32 6.4 vs 6.7 with 64 (the xla path's intra-chunk work is cheaper at 32 on the CPU).
-             scan_layers=False, gdn_chunk_size=32)
+                     scan_layers=False, gdn_chunk_size=32)
 
 
-def qwax_step_seconds(cfg: qwax.QwaxConfig, ids: np.ndarray, steps: int) -> tuple[float, float, qwax.QwaxForCausalLM]:
+def qwax_step_seconds(cfg: qwax.QwaxConfig, opts: qwax.RunOptions, ids: np.ndarray, steps: int
+                      ) -> tuple[float, float, qwax.QwaxForCausalLM]:
     """(compile seconds, median steady-state seconds per step, model)."""
-    model = qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0))
+    model = qwax.QwaxForCausalLM(cfg, opts, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     opt = make_optimizer(learning_rate=1e-4, warmup_steps=0, total_steps=1000)
-    step = jax.jit(make_train_step(graphdef, opt, LossWeights(cfg.router_aux_loss_coef)), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, opt, LossWeights(cfg.router_aux_loss_coef), opts.dtype),
+                   donate_argnums=(0, 1))
     b, l = ids.shape
     batch = {"input_ids": ids[None, :, :-1], "targets": ids[None, :, 1:],
              "segment_ids": np.ones((1, b, l - 1), np.int32),
@@ -111,27 +115,28 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("overrides", nargs="*", help="model.FIELD=value config overrides (e.g. model.remat=dots)")
     args = parser.parse_args()
-    fields = dict(BENCH)
+    fields = dict(BENCH, **BENCH_OPTIONS)
     for item in args.overrides:
         name, value = parse_model_override(item, fields)
         fields[name] = value
-    cfg = qwax.QwaxConfig(**fields)
+    config_fields, option_fields = split_overrides(fields)
+    cfg, opts = qwax.QwaxConfig(**config_fields), qwax.RunOptions(**option_fields)
     tokens = args.seq
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, tokens + 1)).astype(np.int32)
     # The matmul peak is measured before and after each side and the highest is used: one short measurement
     # on a shared machine can land in a slow moment, which would inflate MFU.
     peaks = [measure_peak_flops()]
-    fpt = flops_per_token(cfg, tokens)
+    fpt = flops_per_token(cfg, tokens, options=opts)
     total, active = cfg.param_count()
     print(f"bench config: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), seq {tokens}, "
           f"model FLOPs/token {fpt / 1e6:.1f}M; f32 matmul peak {peaks[0] / 1e9:.1f} GFLOP/s")
-    compile_s, q_s, model = qwax_step_seconds(cfg, ids, args.steps)
+    compile_s, q_s, model = qwax_step_seconds(cfg, opts, ids, args.steps)
     peaks.append(measure_peak_flops.__wrapped__())
     q_tps = tokens / q_s
 
     def qwax_line(peak: float) -> str:
         return (f"qwax         {q_s:7.3f} s/step  {q_tps:8.1f} tokens/s  MFU {fpt * q_tps / peak:6.1%}  "
-                f"(compile {compile_s:.1f} s; gdn_impl={cfg.gdn_impl}, moe_impl={cfg.moe_impl}, remat={cfg.remat})")
+                f"(compile {compile_s:.1f} s; gdn_impl={opts.gdn_impl}, moe_impl={opts.moe_impl}, remat={opts.remat})")
 
     print(qwax_line(max(peaks)), flush=True)
     if args.skip_hf:

@@ -189,9 +189,10 @@ def check_model(device_impl: dict) -> list[Row]:
     cpu = jax.devices("cpu")[0]
     accel = jax.devices()[0]
     with jax.default_device(cpu):
-        cpu_model = qwax.QwaxForCausalLM(qwax.get_preset("tiny-moe", **small, gdn_impl="xla", moe_impl="xla"),
-                                         rngs=nnx.Rngs(0))
-    dev_model = qwax.QwaxForCausalLM(qwax.get_preset("tiny-moe", **small, **device_impl), rngs=nnx.Rngs(0))
+        cpu_model = qwax.QwaxForCausalLM(qwax.get_preset("tiny-moe", **small),
+                                         qwax.RunOptions(gdn_impl="xla", moe_impl="xla"), rngs=nnx.Rngs(0))
+    dev_model = qwax.QwaxForCausalLM(qwax.get_preset("tiny-moe", **small), qwax.RunOptions(**device_impl),
+                                     rngs=nnx.Rngs(0))
     nnx.update(dev_model, jax.device_put(nnx.state(cpu_model), accel))
 
     rng = np.random.default_rng(0)

@@ -42,15 +42,19 @@ def synthetic_config(gb: float = 5.0, *, hidden: int = 2048, vocab: int = 248320
 
 
 def checkpoint_tensors(cfg):
-    """(key, shape, dtype) of every tensor, in checkpoint order."""
-    from qwax.convert.hf import CheckpointLayout, _abstract_model, _hf_shape, _slice_shape, tensor_maps
+    """(key, shape, dtype) of every tensor, in checkpoint order: the parameters of a bf16 model (A_log and the GDN
+    norm weight float32), unscanned, in the published layout."""
     from flax import nnx
 
-    _, abstract = _abstract_model(cfg.replace(param_dtype="bfloat16", scan_layers=False))
+    from qwax.convert.keymap import CheckpointLayout, hf_shape, slice_shape, tensor_maps
+    from qwax.convert.placement import abstract_model
+    from qwax.options import RunOptions
+
+    _, abstract = abstract_model(cfg, RunOptions(dtype="bfloat16", scan_layers=False))
     params = {p: v.get_value() for p, v in nnx.to_flat_state(abstract)}
     for m in tensor_maps(cfg, CheckpointLayout.default_for(cfg), scanned=False):
         spec = params[m.path]
-        yield m.hf_key, _hf_shape(m, _slice_shape(spec.shape, m.index)), np.dtype(spec.dtype)
+        yield m.hf_key, hf_shape(m, slice_shape(spec.shape, m.index)), np.dtype(spec.dtype)
 
 
 def _random(shape, dtype, rng) -> np.ndarray:
@@ -72,7 +76,7 @@ def make_checkpoint(out: str | Path, cfg, *, shard_bytes: int = 1 << 30, seed: i
     entries = list(checkpoint_tensors(cfg))
     sizes = [math.prod(s) * d.itemsize for _, s, d in entries]
     with atomic_directory(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(dict(cfg.to_hf(), dtype="bfloat16"), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype="bfloat16"), indent=2) + "\n")
         write_checkpoint(tmp, ((k, _random(s, d, rng)) for k, s, d in entries), max_shard_bytes=shard_bytes)
     return {"tensors": len(entries), "bytes": sum(sizes), "largest_bytes": max(sizes),
             "largest": entries[int(np.argmax(sizes))][0], "files": len(list(out.glob("*.safetensors")))}

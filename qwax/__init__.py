@@ -1,6 +1,6 @@
 """qwax: Qwen3.5 / Qwen3-Next in JAX (Flax NNX), with Pallas kernels, sharding rules and HF checkpoint conversion.
 
-Public surface: `QwaxConfig`, `QwaxForCausalLM`, `QwaxForConditionalGeneration` (multimodal), `load_hf`, `save_hf`,
+Public surface: `QwaxConfig` (the checkpoint's config), `RunOptions` (dtypes, kernels, scan, remat), `QwaxForCausalLM`, `QwaxForConditionalGeneration` (multimodal), `load_hf`, `save_hf`,
 `generate`. Importing qwax never imports torch.
 """
 
@@ -9,7 +9,8 @@ from qwax.convert.hf import load_hf, save_hf
 from qwax.inference.generate import generate
 from qwax.model import ModelOutput, QwaxForCausalLM, forward
 from qwax.multimodal import MultimodalConfig, QwaxForConditionalGeneration
+from qwax.options import RunOptions
 
-__all__ = ["PRESETS", "QwaxConfig", "get_preset", "QwaxForCausalLM", "ModelOutput", "forward", "load_hf", "save_hf", "generate",
+__all__ = ["PRESETS", "QwaxConfig", "RunOptions", "get_preset", "QwaxForCausalLM", "ModelOutput", "forward", "load_hf", "save_hf", "generate",
            "MultimodalConfig", "QwaxForConditionalGeneration"]
 __version__ = "0.1.0"

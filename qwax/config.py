@@ -2,8 +2,8 @@
 
 The field names follow the Hugging Face configs (the contract with checkpoints). `QwaxConfig.from_hf` reads a
 `config.json` of any of the supported model types (including the `text_config` of a multimodal Qwen3.5 config) and
-`QwaxConfig.to_hf` writes one back. Implementation choices (kernels, scan, dtypes) live beside the model fields so a
-user can override them with `dataclasses.replace`.
+`QwaxConfig.to_hf` writes one back. It holds only what a checkpoint's config.json holds, plus properties derived
+from it; how a model runs (dtypes, kernels, scan, remat) is `qwax.options.RunOptions`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from qwax.options import OPTION_NAMES
+
 MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _MULTIMODAL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 LAYER_TYPES = ("linear_attention", "full_attention")
-KERNEL_IMPLS = ("auto", "pallas", "xla", "reference")
 
 # HF architecture names per model type, for config.json files written by `to_hf`.
 _ARCHITECTURES = {
@@ -33,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QwaxConfig:
-    """Architecture and implementation settings of a Qwen3-Next / Qwen3.5 text model.
+    """Architecture of a Qwen3-Next / Qwen3.5 text model: the fields of its HF config.json.
 
     Layer `i` mixes tokens with Gated DeltaNet when `layer_types[i] == "linear_attention"` and with gated full
     attention when it is `"full_attention"`; its feed-forward is a sparse MoE (with a shared expert) when
@@ -79,14 +80,6 @@ class QwaxConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    # Implementation choices (not part of the checkpoint).
-    dtype: str = "float32"  # activation / compute dtype
-    param_dtype: str = "float32"
-    gdn_impl: str = "auto"  # gated delta rule kernel: auto | pallas | xla | reference
-    moe_impl: str = "auto"  # routed-expert kernel: auto | pallas | xla | reference
-    gdn_chunk_size: int | None = None  # None: the kernel's per-backend default (gated_delta_rule.default_chunk_size)
-    scan_layers: bool = True  # stack repeating layer groups and run them with lax.scan
-    remat: str = "none"  # rematerialisation policy name, see qwax.layers.decoder.REMAT_POLICIES
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -132,14 +125,6 @@ class QwaxConfig:
             raise bad("num_experts_per_tok", self.num_experts_per_tok, f"in [1, num_experts={self.num_experts}]")
         if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)) and self.intermediate_size <= 0:
             raise bad("intermediate_size", self.intermediate_size, "> 0 because some layers use a dense MLP")
-        for key in ("gdn_impl", "moe_impl"):
-            if getattr(self, key) not in KERNEL_IMPLS:
-                raise bad(key, getattr(self, key), f"one of {KERNEL_IMPLS}")
-        if self.gdn_chunk_size is not None and (not isinstance(self.gdn_chunk_size, int) or self.gdn_chunk_size < 1):
-            raise bad("gdn_chunk_size", self.gdn_chunk_size, "a positive int, or None for the per-backend default")
-        for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
-                raise bad(key, getattr(self, key), "float32, bfloat16 or float16")
 
     # ---------------------------------------------------------- derived sizes
     @property
@@ -163,8 +148,25 @@ class QwaxConfig:
         """'grouped' (Qwen3-Next in_proj_qkvz / in_proj_ba) or 'flat' (Qwen3.5 in_proj_qkv/z/b/a)."""
         return "grouped" if self.model_type == "qwen3_next" else "flat"
 
+    @property
+    def has_moe(self) -> bool:
+        """Whether the family uses sparse MoE feed-forwards at all (Qwen3.5 dense models never do)."""
+        return self.num_experts > 0 and self.model_type != "qwen3_5_text"
+
+    @property
+    def normalise_topk(self) -> bool:
+        """Whether the top-k router weights are renormalised to sum to 1: always for Qwen3.5-MoE, as
+        `norm_topk_prob` says for Qwen3-Next."""
+        return self.norm_topk_prob or self.model_type == "qwen3_5_moe_text"
+
+    @property
+    def mtp_ffn(self) -> str:
+        """Feed-forward of the MTP layers: the model's MoE when it has one, else its dense MLP."""
+        return "moe" if self.has_moe else "dense"
+
     def is_moe_layer(self, i: int) -> bool:
-        if self.num_experts == 0 or self.model_type == "qwen3_5_text":
+        """Whether decoder layer i's feed-forward is the sparse MoE (else the dense SwiGLU MLP)."""
+        if not self.has_moe:
             return False
         if self.model_type == "qwen3_5_moe_text":
             return True
@@ -185,11 +187,6 @@ class QwaxConfig:
             if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)):
                 return p
         return n
-
-    @property
-    def uses_scan(self) -> bool:
-        """True when the decoder stores stacked layer groups (scan_layers and the pattern repeats)."""
-        return self.scan_layers and self.num_hidden_layers // self.scan_period > 1
 
     # ------------------------------------------------------------ parameters
     def param_count(self, include_mtp: bool = False) -> tuple[int, int]:
@@ -222,8 +219,7 @@ class QwaxConfig:
         for mixer, ffn in self.layer_kinds:
             t, a = layer(mixer, ffn)
             total, active = total + t, active + a
-        mtp_ffn = "moe" if self.num_experts and self.model_type != "qwen3_5_text" else "dense"
-        t, a = layer("full_attention", mtp_ffn)
+        t, a = layer("full_attention", self.mtp_ffn)
         n_mtp = self.mtp_num_hidden_layers if include_mtp else 0
         mtp_t = n_mtp * (t + 2 * h * h + 3 * norm)
         mtp_a = n_mtp * (a + 2 * h * h + 3 * norm)
@@ -237,7 +233,7 @@ class QwaxConfig:
         """Read a transformers config (a dict, a config.json path, or a checkpoint directory).
 
         Accepts model types qwen3_next, qwen3_5_text, qwen3_5_moe_text, and the multimodal qwen3_5 / qwen3_5_moe
-        configs (their `text_config` is used). `overrides` replace fields after reading (e.g. dtype="bfloat16").
+        configs (their `text_config` is used). `overrides` replace fields after reading (e.g. num_hidden_layers=2).
         """
         if isinstance(path_or_dict, Mapping):
             cfg = dict(path_or_dict)
@@ -283,6 +279,7 @@ class QwaxConfig:
             mrope_section = [11, 11, 10]  # transformers' default for Qwen3.5
         mrope_interleaved = rope.get("mrope_interleaved", legacy.get("mrope_interleaved", model_type != "qwen3_next"))
 
+        _reject_run_options(overrides, "QwaxConfig.from_hf")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
         kwargs.update(
@@ -293,13 +290,12 @@ class QwaxConfig:
             kwargs["num_experts"] = 0
         if "mtp_num_hidden_layers" not in cfg and "num_nextn_predict_layers" in cfg:
             kwargs["mtp_num_hidden_layers"] = cfg["num_nextn_predict_layers"]
-        for key in ("dtype", "param_dtype"):  # HF's "dtype" is the storage dtype, not our compute dtype
-            kwargs.pop(key, None)
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def to_hf(self) -> dict[str, Any]:
-        """The transformers config.json dict of the text-only causal LM of this model type."""
+    def to_hf(self, dtype: Any = None) -> dict[str, Any]:
+        """The transformers config.json dict of the text-only causal LM of this model type; `dtype` (the
+        parameters' storage dtype, e.g. "bfloat16") is recorded as transformers' "dtype" when given."""
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta,
                                 "partial_rotary_factor": self.partial_rotary_factor}
         if self.mrope_section:
@@ -329,7 +325,6 @@ class QwaxConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-            "dtype": self.param_dtype,
         }
         if self.model_type == "qwen3_5_text" or self.model_type == "qwen3_next":
             out["intermediate_size"] = self.intermediate_size
@@ -345,11 +340,14 @@ class QwaxConfig:
                        mlp_only_layers=list(self.mlp_only_layers))
         if self.mtp_num_hidden_layers:
             out["mtp_num_hidden_layers"] = self.mtp_num_hidden_layers
+        if dtype is not None:
+            out["dtype"] = str(dtype)
         return out
 
     def replace(self, **changes: Any) -> "QwaxConfig":
         """dataclasses.replace, except that a new depth or interval rebuilds layer_types when it followed
         full_attention_interval and was not given."""
+        _reject_run_options(changes, "QwaxConfig.replace")
         derived = len(set(self.layer_types)) and self.layer_types == QwaxConfig(
             model_type=self.model_type, num_hidden_layers=self.num_hidden_layers, num_experts=0,
             intermediate_size=1, full_attention_interval=self.full_attention_interval).layer_types
@@ -358,11 +356,18 @@ class QwaxConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _reject_run_options(kwargs: Mapping[str, Any], where: str) -> None:
+    run = sorted(OPTION_NAMES & set(kwargs))
+    if run:
+        raise ConfigError(f"{where}: {run} are run options, not checkpoint config fields: pass "
+                          f"qwax.RunOptions({run[0]}=...) to the model (or to load_hf) instead")
+
+
 def _preset(**kw: Any) -> QwaxConfig:
     return QwaxConfig(**kw)
 
 
-# Published sizes (from the released config.json files; see shared/spec/ARCHITECTURE.md section 2).
+# Published sizes (from the released config.json files; docs/architecture.md lists them).
 _NEXT = dict(model_type="qwen3_next", vocab_size=151936, rope_theta=5_000_000.0, mrope_section=(),
              mrope_interleaved=False, eos_token_id=151645)
 _Q35 = dict(vocab_size=248320, rope_theta=10_000_000.0, mrope_section=(11, 11, 10), mrope_interleaved=True,

@@ -15,12 +15,15 @@ from flax import nnx
 
 from qwax.config import QwaxConfig
 from qwax.layers.attention import attention_mask as build_attention_mask
-from qwax.layers.common import Linear, dense, param
+from qwax.layers.common import Linear, param
 from qwax.layers.decoder import Decoder, LayerContext
 from qwax.layers.moe import load_balancing_loss
 from qwax.layers.mtp import MTP
 from qwax.layers.norms import RMSNorm
 from qwax.layers.rotary import rotary_cos_sin
+from qwax.options import RunOptions
+from qwax.pallas_kernels.linear import linear
+from qwax.sharding.rules import constrain
 
 
 def check_token_ids(input_ids: Any, vocab_size: int) -> None:
@@ -49,15 +52,16 @@ class ModelOutput(NamedTuple):
 class QwaxForCausalLM(nnx.Module):
     """Weights: embed_tokens [vocab, H]; decoder; norm [H]; lm_head [H, vocab] unless tied; mtp (optional)."""
 
-    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg=cfg)
-        self.decoder = Decoder(cfg, rngs=rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg=cfg, rngs=rngs)
+    def __init__(self, cfg: QwaxConfig, options: RunOptions | None = None, *, rngs: nnx.Rngs):
+        opts = RunOptions() if options is None else options
+        self.config, self.options = cfg, opts
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg=cfg, opts=opts)
+        self.decoder = Decoder(cfg, opts, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg=cfg, rngs=rngs)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg=cfg, opts=opts, rngs=rngs)
         if cfg.mtp_num_hidden_layers:
-            self.mtp = MTP(cfg, rngs=rngs)
+            self.mtp = MTP(cfg, opts, rngs=rngs)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """[B, L] int -> [B, L, H]. Ids outside [0, vocab) raise eagerly; under jit they give NaN rows."""
@@ -65,13 +69,15 @@ class QwaxForCausalLM(nnx.Module):
             check_token_ids(input_ids, self.config.vocab_size)
         table = self.embed_tokens[...]
         x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
-        return x.astype(self.config.dtype)
+        return x.astype(self.options.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """[..., H] -> [..., vocab] with the LM head (or the tied embedding)."""
+        """[B, L, H] -> [B, L, vocab] with the LM head (or the tied embedding)."""
         if self.config.tie_word_embeddings:
-            return dense(hidden, self.embed_tokens[...].astype(hidden.dtype).T)
-        return self.lm_head(hidden)
+            logits = linear(hidden, self.embed_tokens[...].astype(hidden.dtype).T, impl=self.options.linear_impl)
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def context(self, batch: int, length: int, attention_mask: jax.Array | None, position_ids: jax.Array | None,
                 segment_ids: jax.Array | None) -> LayerContext:
@@ -81,7 +87,7 @@ class QwaxForCausalLM(nnx.Module):
         valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         kv_valid = jnp.ones((batch, length), bool) if valid is None else valid
         mask = build_attention_mask(kv_valid, seq, seq, segment_ids, segment_ids)
-        cos, sin = rotary_cos_sin(positions, cfg, jnp.dtype(cfg.dtype))
+        cos, sin = rotary_cos_sin(positions, cfg, self.options.dtype)
         return LayerContext(cos=cos, sin=sin, attn_mask=mask, valid=valid, segment_ids=segment_ids)
 
     def cached_context(self, cache: Any, length: int, attention_mask: jax.Array | None,
@@ -94,7 +100,7 @@ class QwaxForCausalLM(nnx.Module):
         valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
         if position_ids is None:  # as transformers' generate: each row counts only its real tokens
             position_ids = jnp.maximum(cache.position[:, None] + jnp.cumsum(new_valid, axis=1) - 1, 0)
-        cos, sin = rotary_cos_sin(jnp.asarray(position_ids), cfg, jnp.dtype(cfg.dtype))
+        cos, sin = rotary_cos_sin(jnp.asarray(position_ids), cfg, self.options.dtype)
         ctx = LayerContext(cos=cos, sin=sin, attn_mask=None, valid=None if attention_mask is None else new_valid,
                            segment_ids=None, cache_index=cache.index, kv_valid=valid)
         bookkeeping = dict(valid=valid, index=cache.index + length,
@@ -153,7 +159,7 @@ class QwaxForCausalLM(nnx.Module):
             raise ValueError("pass either input_ids or inputs_embeds, not both")
         b, l = inputs_embeds.shape[:2]
         ctx, bookkeeping = self.prepare(b, l, attention_mask, position_ids, segment_ids, cache, keep_step_states)
-        x, router_logits, layer_caches = self.decoder(inputs_embeds.astype(self.config.dtype), ctx,
+        x, router_logits, layer_caches = self.decoder(inputs_embeds.astype(self.options.dtype), ctx,
                                                       None if cache is None else cache.layers)
         return self._output(self.norm(x), router_logits, ctx, cache, layer_caches, bookkeeping)
 

@@ -27,6 +27,14 @@ import pytest  # noqa: E402
 from hf_models import make_hf_model  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Multi-device and multi-process tests start subprocesses that compile their own programs: they belong to
+    the slow tier (`-m "not slow"` is the tier to run while working)."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_report_header(config):
     return (
         f"qwax: JAX_PLATFORMS={os.environ['JAX_PLATFORMS']} (1 in-process device), "

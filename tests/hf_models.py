@@ -134,6 +134,34 @@ def hf_logits(model, input_ids, attention_mask=None) -> np.ndarray:
     return out.logits.to(torch.float32).numpy()
 
 
+def hf_logits_float64(model, input_ids, attention_mask=None) -> np.ndarray:
+    """Logits [B, L, V] of a float64 copy of a transformers causal LM, as float32: the exact reference for
+    comparing a float32 implementation (transformers' own float32 forward carries rounding errors of the same
+    order as the tolerances, ~1e-4 on left-padded rows).
+
+    Each row runs alone over its real (attention_mask 1) tokens, with the position ids transformers gives them
+    in the left-padded batch; padding positions get zeros. transformers' masked float64 path produces NaN, and
+    padding never influences real tokens in these models, so this is what the padded batch computes.
+    """
+    import copy
+
+    import torch
+
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    exact = copy.deepcopy(model).to(torch.float64)
+    if hasattr(exact, "set_experts_implementation"):
+        exact.set_experts_implementation("eager")  # torch's grouped_mm has no float64 kernel
+    out = np.zeros((*ids.shape, model.config.vocab_size), np.float32)
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            real = np.flatnonzero(mask[row])
+            logits = exact(input_ids=torch.as_tensor(ids[row, real][None], dtype=torch.long),
+                           position_ids=torch.as_tensor(real[None], dtype=torch.long), use_cache=False).logits
+            out[row, real] = logits[0].numpy()
+    return out
+
+
 def random_ids(batch: int, length: int, vocab_size: int = 128, seed: int = 0) -> np.ndarray:
     """Deterministic int32 token ids [batch, length]."""
     return np.random.default_rng(seed).integers(0, vocab_size, size=(batch, length), dtype=np.int32)

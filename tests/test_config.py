@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-import jax
 import qwax
 from qwax.config import PRESETS, ConfigError, QwaxConfig
 
@@ -56,8 +58,38 @@ def test_param_count_equals_the_model(name):
 def test_to_hf_round_trips_through_from_hf():
     for name in ("qwen3.5-397b-a17b", "qwen3-next-80b-a3b", "qwen3.5-27b"):
         cfg = PRESETS[name]
-        again = QwaxConfig.from_hf(cfg.to_hf())
-        assert again.replace(param_dtype=cfg.param_dtype) == cfg, name
+        assert QwaxConfig.from_hf(cfg.to_hf()) == cfg, name
+        assert QwaxConfig.from_hf(cfg.to_hf(dtype="bfloat16")) == cfg, name  # the storage dtype is not config
+
+
+def test_run_options_are_not_config_fields():
+    with pytest.raises(ConfigError, match=r"'dtype'.*RunOptions"):
+        qwax.get_preset("tiny-moe", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="remat"):
+        PRESETS["tiny-moe"].replace(remat="full")
+    with pytest.raises(ConfigError, match="scan_layers"):
+        QwaxConfig.from_hf(PRESETS["tiny-moe"].to_hf(), scan_layers=False)
+
+
+@pytest.mark.parametrize("spelling", [jnp.bfloat16, np.dtype("bfloat16"), "bfloat16", "bf16", "BF16", "torch.bfloat16"])
+def test_run_options_accept_any_dtype_like(spelling):
+    opts = qwax.RunOptions(dtype=spelling)
+    assert opts.dtype == jnp.bfloat16 and opts.param_dtype == jnp.bfloat16
+    assert qwax.RunOptions(dtype=np.float32, param_dtype="f32").param_dtype == np.float32
+
+
+@pytest.mark.parametrize("bad", ["float8", "int4", np.int32, "bf17"])
+def test_unknown_dtypes_raise_naming_them(bad):
+    with pytest.raises(ValueError, match=f"dtype={bad!r}"):
+        qwax.RunOptions(dtype=bad)
+    with pytest.raises(ValueError, match="param_dtype"):
+        qwax.RunOptions(param_dtype=bad)
+
+
+def test_bad_run_options_name_the_option():
+    for field, value in (("gdn_impl", "cuda"), ("moe_impl", "fast"), ("remat", "some"), ("gdn_chunk_size", 0)):
+        with pytest.raises(ValueError, match=field):
+            qwax.RunOptions(**{field: value})
 
 
 @pytest.mark.parametrize("patch, message", [

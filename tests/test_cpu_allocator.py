@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import jax.numpy as jnp
+import pytest
 
 from qwax.cpu_allocator import keep_freed_memory
 
@@ -36,6 +37,7 @@ def run_child(mode: str, **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_kept_memory_is_not_faulted_in_again():
     plain, kept = run_child("plain"), run_child("keep")
     assert kept["applied"]
@@ -44,6 +46,7 @@ def test_kept_memory_is_not_faulted_in_again():
     assert kept["faults"] < plain["faults"] / 3, (kept, plain)
 
 
+@pytest.mark.slow
 def test_opt_out_and_late_call_change_nothing():
     assert not run_child("keep", QWAX_KEEP_FREED_MEMORY="0")["applied"]
     jnp.zeros(1).block_until_ready()  # the backend of this process has started

@@ -10,7 +10,7 @@ from flax import nnx
 
 import qwax
 from qwax.convert.hf import CheckpointLayout, hf_tensors
-from hf_models import MODEL_TYPES, hf_logits, random_ids
+from hf_models import MODEL_TYPES, hf_logits, hf_logits_float64, random_ids
 
 LENGTHS = (1, 63, 64, 65, 200)
 
@@ -27,6 +27,7 @@ def _padding_mask(batch: int, length: int) -> np.ndarray:
     return mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_logits_match_transformers(model_type, hf_checkpoint, jitted_forward):
     path, hf_model = hf_checkpoint(model_type)
@@ -35,13 +36,14 @@ def test_logits_match_transformers(model_type, hf_checkpoint, jitted_forward):
     for length in LENGTHS:
         ids = random_ids(2, length, seed=length)
         for mask in (None, _padding_mask(2, length)):
-            expected = hf_logits(hf_model, ids, mask)
+            expected = hf_logits_float64(hf_model, ids, mask)
             got = np.asarray(jitted_forward(graphdef, params, jnp.asarray(ids), attention_mask=mask).logits)
             keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
             err = np.abs(got - expected)[keep].max()
             assert err <= 1e-4, f"{model_type} L={length} mask={mask is not None}: max |diff| {err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_scanned_and_unrolled_layouts_agree(model_type, hf_checkpoint):
     path, _ = hf_checkpoint(model_type)
@@ -65,6 +67,7 @@ def _torch_grads(hf_model, ids):
     return float(loss), {k: p.grad.detach().numpy().copy() for k, p in hf_model.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_gradients_match_torch_autograd(model_type, hf_checkpoint):
     path, hf_model = hf_checkpoint(model_type)

@@ -1,13 +1,29 @@
-"""Streaming reader and writer for Hugging Face safetensors checkpoints.
+"""Reader and streaming writer for Hugging Face safetensors checkpoints.
 
 A safetensors file is an 8-byte little-endian header length N, then N bytes of JSON mapping each tensor name
 to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (plus an optional ``"__metadata__"`` string map), then
-the raw little-endian tensor bytes, with offsets relative to the end of the header. The format is small enough
-to implement here, which keeps checkpoint I/O free of torch and of the optional ``safetensors`` package, reads
-bf16 and fp8 exactly through ``ml_dtypes``, and lets every byte range be validated before any data is read.
+the raw little-endian tensor bytes, with offsets relative to the end of the header.
 
-Reading touches one tensor at a time; writing spools each tensor to disk as it arrives, so neither side needs
-more host memory than the largest single tensor.
+Reading goes through the ``safetensors`` library (``safe_open(framework="np", backend="pread")``): it validates
+every header when a file is opened, lists names, dtypes, shapes and metadata, and reads whole tensors with
+positional reads into fresh numpy arrays. Positional reads rather than the default memory map, because every
+page a map touches stays resident in the process: streaming a 60 GB checkpoint through a map shows 60 GB of RSS.
+qwax adds what the library does not do:
+
+* row ranges (`CheckpointReader.get_slice`): with the pread backend, safetensors 0.8's ``get_slice(k)[a:b]``
+  reads the whole tensor and then slices it (measured: a 64-row slice of a 512 MB tensor takes as long as the
+  tensor, and peak RSS grows by 512 MB), which would defeat loading a device's shard of an expert stack; the
+  rows are therefore read here, one positional read at the offset the (already validated) header gives;
+* the fp8 dtypes (F8_E4M3, F8_E5M2 and the FNUZ / E8M0 variants): safetensors 0.8 asks numpy itself for a
+  dtype of that name and fails, so those tensors are read the same way and viewed as the ``ml_dtypes`` type.
+  The packed sub-byte dtypes (F4, F6_*) have no numpy equivalent and raise a `CheckpointError` when read;
+* sharded checkpoints (``model.safetensors.index.json``, every shard checked to exist and to hold its keys);
+* errors that name the file, the tensor and the expected value: the library's own messages name neither, so
+  when it refuses a file the header is inspected here to say what is wrong (`_diagnose`).
+
+Writing stays here because the library serialises a whole file from tensors held in memory at once, while a
+converter produces tensors one at a time: `write_checkpoint` spools each to disk as it arrives, so neither side
+needs more host memory than the largest single tensor.
 """
 
 from __future__ import annotations
@@ -20,13 +36,12 @@ import re
 import secrets
 import shutil
 import struct
-import threading
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # also registers the name "bfloat16" with numpy, which the library's BF16 reads rely on
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 __all__ = [
     "CheckpointError",
@@ -67,6 +82,10 @@ _DTYPES: dict[str, np.dtype] = {
 }
 # Keyed by the native-order dtype, so big-endian input arrays are byte-swapped before being matched.
 _NAMES: dict[np.dtype, str] = {dtype.newbyteorder("="): name for name, dtype in _DTYPES.items()}
+# Dtypes the library cannot hand to numpy (it looks them up as numpy attributes): read from their raw bytes.
+_RAW_DTYPES = frozenset(name for name in _DTYPES if name.startswith("F8_"))
+# Packed sub-byte dtypes the format allows but numpy cannot hold one value per element: bits per value.
+_PACKED_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
 class CheckpointError(ValueError):
@@ -81,69 +100,100 @@ class CheckpointKeyError(CheckpointError, KeyError):
 
 
 class _TensorInfo:
-    __slots__ = ("file", "dtype", "shape", "begin", "end")
+    """Where a tensor lives and what it is: its file's handle, safetensors dtype name, shape, rank in file order."""
 
-    def __init__(self, file: Path, dtype: np.dtype, shape: tuple[int, ...], begin: int, end: int):
-        self.file, self.dtype, self.shape, self.begin, self.end = file, dtype, shape, begin, end
+    __slots__ = ("file", "handle", "dtype_name", "shape", "rank")
+
+    def __init__(self, file: Path, handle: safe_open, dtype_name: str, shape: tuple[int, ...], rank: int):
+        self.file, self.handle, self.dtype_name, self.shape, self.rank = file, handle, dtype_name, shape, rank
+
+    @property
+    def nbytes(self) -> int:
+        bits = _PACKED_BITS.get(self.dtype_name)
+        if bits is not None:
+            return math.prod(self.shape) * bits // 8
+        return math.prod(self.shape) * _DTYPES[self.dtype_name].itemsize
 
 
-def _parse_header(file: Path) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
-    """Reads and validates one file's header; returns tensor infos (absolute byte ranges) and ``__metadata__``."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no 8-byte header length)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CheckpointError(
-                    f"{file}: truncated or corrupt safetensors file: header length {header_len} does not fit "
-                    f"in a file of {size} bytes"
-                )
-            raw = f.read(header_len)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read safetensors file: {e}") from e
+# ------------------------------------------------------------------------------------------ header inspection
+class _HeaderProblem(Exception):
+    pass
+
+
+def _read_header(file: Path) -> tuple[dict, int, int]:
+    """(header JSON object, absolute offset of the data section, file size); raises _HeaderProblem."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _HeaderProblem(f"truncated safetensors file ({size} bytes, no 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+            raise _HeaderProblem(f"truncated or corrupt safetensors file: header length {header_len} does not "
+                                 f"fit in a file of {size} bytes")
+        raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt safetensors header (not JSON): {e}") from e
+        raise _HeaderProblem(f"corrupt safetensors header (not JSON): {e}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(
-            f"{file}: corrupt safetensors header: expected a JSON object, got {type(header).__name__}"
-        )
+        raise _HeaderProblem(f"corrupt safetensors header: expected a JSON object, got {type(header).__name__}")
+    return header, 8 + header_len, size
 
+
+def _diagnose(file: Path) -> str | None:
+    """What is wrong with a file the library refused, naming the tensor and the expected value (None: nothing
+    found here; the library's own message then stands alone)."""
+    try:
+        header, data_start, size = _read_header(file)
+    except _HeaderProblem as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot read safetensors file: {e}"
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header: __metadata__ is not an object")
-    data_start = 8 + header_len
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        return "corrupt safetensors header: __metadata__ is not a map of strings"
     data_size = size - data_start
-    infos = {}
+    spans = []
     for key, entry in header.items():
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             shape = tuple(int(d) for d in shape)
             begin, end = int(begin), int(end)
-        except (TypeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{file}: corrupt header entry for tensor {key!r}: {entry!r}") from e
-        if dtype_name not in _DTYPES:
-            raise CheckpointError(
-                f"{file}: tensor {key!r} has unsupported dtype {dtype_name!r}; supported: {sorted(_DTYPES)}"
-            )
-        dtype = _DTYPES[dtype_name]
-        expected = math.prod(shape) * dtype.itemsize
+        except (TypeError, KeyError, ValueError):
+            return f"corrupt header entry for tensor {key!r}: {entry!r}"
+        if dtype_name not in _DTYPES and dtype_name not in _PACKED_BITS:
+            return f"tensor {key!r} has unknown dtype {dtype_name!r}; safetensors dtypes: " \
+                   f"{sorted(_DTYPES) + sorted(_PACKED_BITS)}"
+        bits = _PACKED_BITS.get(dtype_name) or _DTYPES[dtype_name].itemsize * 8
+        expected = math.prod(shape) * bits // 8
         if any(d < 0 for d in shape) or not 0 <= begin <= end or end - begin != expected:
-            raise CheckpointError(
-                f"{file}: corrupt header entry for tensor {key!r}: data_offsets [{begin}, {end}] do not hold "
-                f"{dtype_name} {list(shape)} ({expected} bytes)"
-            )
+            return (f"corrupt header entry for tensor {key!r}: data_offsets [{begin}, {end}] do not hold "
+                    f"{dtype_name} {list(shape)} ({expected} bytes)")
         if end > data_size:
-            raise CheckpointError(
-                f"{file}: truncated safetensors file: tensor {key!r} needs bytes [{begin}, {end}) of the data "
-                f"section but only {data_size} bytes are present"
-            )
-        infos[key] = _TensorInfo(file, dtype, shape, data_start + begin, data_start + end)
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+            return (f"truncated safetensors file: tensor {key!r} needs bytes [{begin}, {end}) of the data "
+                    f"section but only {data_size} bytes are present")
+        spans.append((begin, end, key))
+    covered = 0
+    for begin, end, key in sorted(spans):  # the format requires the tensors to tile the data section exactly
+        if begin != covered:
+            return (f"tensor {key!r} starts at byte {begin} of the data section, expected {covered} (tensors "
+                    "must follow each other without gaps or overlaps)")
+        covered = end
+    if covered != data_size:
+        return (f"{data_size - covered} byte(s) after the last tensor: the data section holds {data_size} bytes, "
+                f"the header accounts for {covered} (truncated header or trailing garbage)")
+    return None
+
+
+def _open(file: Path) -> safe_open:
+    try:
+        return safe_open(file, framework="np", backend="pread")
+    except SafetensorError as e:
+        problem = _diagnose(file) or "corrupt safetensors file"
+        raise CheckpointError(f"{file}: {problem} (safetensors: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file: {e}") from e
 
 
 def _read_index(index_file: Path) -> dict[str, Path]:
@@ -168,52 +218,57 @@ def _read_index(index_file: Path) -> dict[str, Path]:
     return {key: shards[name] for key, name in weight_map.items()}
 
 
-def _close_fds(fds: dict[Path, int]) -> None:
-    for fd in fds.values():
-        os.close(fd)
-    fds.clear()
+def _close(handles: dict[Path, safe_open]) -> None:
+    for handle in handles.values():
+        handle.__exit__(None, None, None)
+    handles.clear()
 
 
 class CheckpointReader:
     """Random access to the tensors of an HF safetensors checkpoint, one tensor at a time.
 
     ``path`` is a checkpoint directory (holding ``model.safetensors``, or ``model.safetensors.index.json`` and its
-    shards, or exactly one other ``*.safetensors`` file), or a ``.safetensors`` / index file itself. Every header
-    is parsed and every byte range checked against its file's size on construction; no tensor data is read until
-    ``get``. ``get`` is thread-safe.
+    shards, or exactly one other ``*.safetensors`` file), or a ``.safetensors`` / index file itself. Every file
+    is opened and its header validated on construction (a corrupt or truncated file raises `CheckpointError`
+    naming it and the tensor at fault); no tensor data is read until ``get``. ``get`` is thread-safe.
 
         with CheckpointReader("ckpt/") as ckpt:
             for key in ckpt.keys():
-                array = ckpt.get(key)   # numpy, exact stored dtype (bf16 via ml_dtypes)
+                array = ckpt.get(key)   # numpy, exact stored dtype (bf16, fp8 via ml_dtypes)
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._infos: dict[str, _TensorInfo] = {}
         self.metadata: dict[str, str] = {}
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
-        weakref.finalize(self, _close_fds, self._fds)  # a reader dropped without close() still closes its files
+        self._handles: dict[Path, safe_open] = {}
+        self._raw_offsets: dict[Path, tuple[int, dict]] = {}  # row / fp8 reads: data start, header, per file
+        try:
+            self._open_all()
+        except BaseException:
+            self.close()
+            raise
 
+    def _open_all(self) -> None:
         files, weight_map, index_file = self._locate(self.path)
         self.files: list[Path] = files
+        infos: dict[str, _TensorInfo] = {}
         for file in files:
-            infos, metadata = _parse_header(file)
-            self.metadata.update(metadata)
-            if weight_map is None:
-                duplicates = infos.keys() & self._infos.keys()
-                if duplicates:
-                    raise CheckpointError(f"{file}: tensor {sorted(duplicates)[0]!r} also appears in another file")
-                self._infos.update(infos)
-            else:
-                self._infos.update((k, v) for k, v in infos.items() if weight_map.get(k) == file)
+            handle = self._handles[file] = _open(file)
+            self.metadata.update(handle.metadata() or {})
+            for rank, key in enumerate(handle.offset_keys()):
+                if weight_map is not None and weight_map.get(key) != file:
+                    continue  # a shard may hold tensors its index does not list; the index decides
+                piece = handle.get_slice(key)
+                infos[key] = _TensorInfo(file, handle, piece.get_dtype(), tuple(piece.get_shape()), rank)
         if weight_map is not None:
             for key, shard in weight_map.items():
-                if key not in self._infos:
+                if key not in infos:
                     raise CheckpointError(
                         f"{index_file}: tensor {key!r} is mapped to {shard.name!r}, which does not contain it"
                     )
-            self._infos = {key: self._infos[key] for key in weight_map}  # index order, nothing unlisted
+            infos = {key: infos[key] for key in weight_map}  # index order, nothing unlisted
+        self._infos = infos
 
     @staticmethod
     def _locate(path: Path) -> tuple[list[Path], dict[str, Path] | None, Path | None]:
@@ -258,18 +313,29 @@ class CheckpointReader:
         return self._info(key).shape
 
     def dtype(self, key: str) -> np.dtype:
-        """The stored numpy dtype (``ml_dtypes.bfloat16`` for BF16), from the header."""
-        return self._info(key).dtype
+        """The stored numpy dtype (``ml_dtypes.bfloat16`` for BF16, ``ml_dtypes.float8_e4m3fn`` for F8_E4M3)."""
+        info = self._info(key)
+        if info.dtype_name not in _DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype_name} (packed "
+                                  f"{_PACKED_BITS.get(info.dtype_name, '?')}-bit values), which numpy cannot "
+                                  f"hold; qwax reads {sorted(_DTYPES)}")
+        return _DTYPES[info.dtype_name]
 
     def get(self, key: str) -> np.ndarray:
-        """Reads one tensor into a new writable numpy array of its stored dtype and shape."""
+        """Reads one tensor into a new writable numpy array [*shape] of its stored dtype."""
         info = self._info(key)
-        out = np.empty(info.shape, info.dtype)
-        self._read_into(key, info, out, info.begin)
-        return out
+        dtype = self.dtype(key)
+        if info.dtype_name in _RAW_DTYPES:
+            return self._read_raw(key, info, dtype, 0, info.shape[0] if info.shape else None)
+        try:
+            return info.handle.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {key!r} ({info.dtype_name} "
+                                  f"{list(info.shape)}): {e}") from None
 
     def get_slice(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Reads rows ``[start, stop)`` of a tensor's leading axis (``get(key)[start:stop]``) and nothing else.
+        """Reads rows ``[start, stop)`` of a tensor's leading axis (``get(key)[start:stop]``, shape
+        [stop - start, *shape[1:]]) and nothing else.
 
         Rows are contiguous in the file, so this is one byte-range read: a process loading its shard of an
         expert stack, or a converter streaming a large tensor in pieces, never holds the whole tensor.
@@ -281,55 +347,55 @@ class CheckpointReader:
         if not 0 <= start <= stop <= rows:
             raise CheckpointError(f"rows [{start}, {stop}) out of range for tensor {key!r} of shape "
                                   f"{list(info.shape)} in {info.file}")
-        out = np.empty((stop - start,) + info.shape[1:], info.dtype)
-        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
-        self._read_into(key, info, out, info.begin + start * row_bytes)
-        return out
+        return self._read_raw(key, info, self.dtype(key), start, stop)
 
-    def _read_into(self, key: str, info: _TensorInfo, out: np.ndarray, offset: int) -> None:
+    def _read_raw(self, key: str, info: _TensorInfo, dtype: np.dtype, start: int, stop: int | None) -> np.ndarray:
+        """Rows [start, stop) (stop None: a scalar) read as bytes and viewed as `dtype`: row ranges of any tensor,
+        and whole tensors of the dtypes the library cannot give to numpy. The library validated the header on
+        open; only the offsets are read from it here."""
+        if info.file not in self._raw_offsets:
+            try:
+                header, data_start, _ = _read_header(info.file)
+            except (_HeaderProblem, OSError) as e:
+                raise CheckpointError(f"{info.file}: cannot read the header again for tensor {key!r}: {e}") from None
+            self._raw_offsets[info.file] = (data_start, header)
+        data_start, header = self._raw_offsets[info.file]
+        shape = info.shape if stop is None else (stop - start,) + info.shape[1:]
+        row_bytes = math.prod(info.shape[1:]) * dtype.itemsize
+        offset = data_start + int(header[key]["data_offsets"][0]) + start * row_bytes
+        out = np.empty(shape, dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        fd = self._fd(info.file)
-        done = 0
-        while done < len(view):  # one read returns at most ~2 GiB on Linux; big expert stacks need several
-            n = self._read_at(fd, view[done:], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{info.file}: file shrank while reading tensor {key!r}")
-            done += n
+        fd = os.open(info.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            done = 0
+            while done < len(view):  # one read may return fewer bytes than asked (and at most ~2 GiB on Linux)
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise CheckpointError(f"{info.file}: file shrank while reading tensor {key!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return out
 
     def file_of(self, key: str) -> Path:
         """The file holding tensor ``key``."""
         return self._info(key).file
 
     def nbytes(self, key: str) -> int:
-        return self._info(key).end - self._info(key).begin
+        """Bytes the tensor occupies in its file."""
+        return self._info(key).nbytes
 
     def keys_in_file_order(self) -> list[str]:
         """Tensor names sorted by file and byte offset: reading in this order is sequential on disk."""
-        return sorted(self._infos, key=lambda k: (str(self._infos[k].file), self._infos[k].begin))
+        return sorted(self._infos, key=lambda k: (str(self._infos[k].file), self._infos[k].rank))
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yields ``(key, array)`` one tensor at a time, in file and offset order (sequential reads)."""
         for key in self.keys_in_file_order():
             yield key, self.get(key)
 
-    def _read_at(self, fd: int, view: memoryview, offset: int) -> int:
-        if hasattr(os, "preadv"):  # positional read: no shared file position, so no lock
-            return os.preadv(fd, [view], offset)
-        with self._lock:
-            os.lseek(fd, offset, os.SEEK_SET)
-            data = os.read(fd, len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def _fd(self, file: Path) -> int:
-        with self._lock:
-            if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            return self._fds[file]
-
     def close(self) -> None:
-        with self._lock:
-            _close_fds(self._fds)
+        _close(self._handles)
 
     def __enter__(self) -> CheckpointReader:
         return self

@@ -1,16 +1,16 @@
-"""Streaming checkpoint conversion (HF safetensors <-> qwax orbax) and loading straight onto a device mesh.
+"""Streaming checkpoint conversion (HF safetensors <-> qwax orbax, HF -> HF) and loading orbax checkpoints.
 
-Everything goes through the `TensorMap`s of qwax.convert.hf: checkpoint tensor `hf_key` is the view-transformed
-slice `param[path][index]` of one qwax parameter. Conversions stream one checkpoint tensor at a time, and a large
-tensor in pieces of its leading axis (`READ_BYTES` at most): a piece of a safetensors tensor is one byte-range
-read (`CheckpointReader.get_slice`), and the transforms are views (transposes, a squeezed axis), so a piece of
-rows maps to a box of the qwax parameter that tensorstore writes without touching the rest of the stack. Host
-memory therefore stays near a few pieces, whatever the size of the expert stacks (HF -> orbax), or one tensor
-(orbax -> HF, where the safetensors writer takes whole tensors).
+Everything goes through the `TensorMap`s of qwax.convert.keymap: checkpoint tensor `hf_key` is the
+view-transformed slice `param[path][index]` of one qwax parameter. Conversions stream one checkpoint tensor at a
+time, and a large tensor in pieces of its leading axis (`READ_BYTES` at most): a piece of a safetensors tensor is
+one byte-range read (`CheckpointReader.get_slice`), and the transforms are views (transposes, a squeezed axis),
+so a piece of rows maps to a box of the qwax parameter that tensorstore writes without touching the rest of the
+stack. Host memory therefore stays near a few pieces, whatever the size of the expert stacks (HF -> orbax), or
+one tensor (orbax -> HF, where the safetensors writer takes whole tensors).
 
-Loading onto a mesh (`qwax.load_hf(mesh=...)` through `place_from_hf`, `load_orbax(mesh=...)`) builds each parameter with
-`jax.make_array_from_callback`: each device's region is assembled from exactly the rows of the checkpoint
-tensors it covers, so a device (and the process feeding it) never holds more than its own shard of a stack.
+`load_orbax(mesh=...)`, like `qwax.load_hf(mesh=...)`, places each parameter through qwax.convert.placement
+(`jax.make_array_from_callback`): each device's region is assembled from exactly the rows of the stored arrays it
+covers, so a device (and the process feeding it) never holds more than its own shard of a stack.
 
 Safety: every destination is written into a hidden temporary directory and renamed into place when complete
 (`atomic_directory`); every written tensor is read back and its shape, dtype and crc32 compared with the
@@ -32,15 +32,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from qwax.config import QwaxConfig
-from qwax.convert.hf import CheckpointLayout, TensorMap, _abstract_model, _hf_shape, _slice_shape, tensor_maps
+from qwax.convert.hf import resolve_options
+from qwax.convert.keymap import CheckpointLayout, TensorMap, hf_shape, slice_shape, tensor_maps
 from qwax.convert.orbax_io import HF_FILES_DIR, OrbaxReader, OrbaxWriter, chunk_shape, param_name
+from qwax.convert.placement import (
+    HFSource,
+    abstract_model,
+    assemble,
+    box,
+    compose,
+    merge,
+    norm_index,
+    param_shardings_for,
+    place,
+    range_dims,
+    row_axis,
+    row_bounds,
+)
 from qwax.convert.safetensors_io import INDEX_FILE, CheckpointError, CheckpointReader, atomic_directory, write_checkpoint
+from qwax.options import RunOptions, canonical_dtype, split_overrides
 
 Path_ = tuple[Any, ...]
 READ_BYTES = 64 << 20  # largest piece of a checkpoint tensor read or written at once
@@ -48,138 +63,12 @@ EXTRA_PREFIX = "hf_extra."  # orbax array name of a checkpoint tensor qwax has n
 _SMALL_FILE_BYTES = 64 << 20  # non-weight files of a checkpoint (config, tokenizer) copied along
 
 
-# ----------------------------------------------------------------------------------------------- index algebra
-def _norm_index(index: tuple[Any, ...], shape: tuple[int, ...]) -> list[int | tuple[int, int]]:
-    """A TensorMap index as one entry per parameter dim: an int (dim dropped) or a (start, stop) range."""
-    out: list[int | tuple[int, int]] = []
-    for d, n in enumerate(shape):
-        e = index[d] if d < len(index) else slice(None)
-        if isinstance(e, slice):
-            start, stop, step = e.indices(n)
-            if step != 1:
-                raise ValueError(f"strided TensorMap index {index}")
-            out.append((start, stop))
-        else:
-            out.append(int(e))
-    return out
-
-
-def _compose(nidx: list[int | tuple[int, int]], box: tuple[slice, ...]) -> tuple[Any, ...]:
-    """Parameter-coordinate region of `piece[box]`, where piece = param[nidx] (box has one slice per range dim)."""
-    it = iter(box)
-    out: list[Any] = []
-    for e in nidx:
-        if isinstance(e, int):
-            out.append(e)
-        else:
-            s = next(it, slice(None))
-            lo = 0 if s.start is None else s.start
-            hi = e[1] - e[0] if s.stop is None else s.stop
-            out.append(slice(e[0] + lo, e[0] + hi))
-    return tuple(out)
-
-
-def _row_axis(m: TensorMap, hf_shape: tuple[int, ...]) -> int | None:
-    """The axis of to_qwax(tensor) that the checkpoint tensor's leading axis becomes (None: do not split it).
-
-    Found by transforming a zero-stride stand-in whose only moving axis is the leading one; transforms are views,
-    so exactly one output axis keeps a non-zero stride."""
-    if len(hf_shape) == 0 or hf_shape[0] <= 1:
-        return None
-    probe = np.broadcast_to(np.arange(hf_shape[0], dtype=np.int64).reshape((-1,) + (1,) * (len(hf_shape) - 1)),
-                            hf_shape)
-    strides = m.to_qwax(probe).strides
-    moving = [i for i, s in enumerate(strides) if s != 0]
-    return moving[0] if len(moving) == 1 else None
-
-
-def _row_bounds(rows: int, row_bytes: int, align: int = 1, limit: int = READ_BYTES) -> Iterator[tuple[int, int]]:
-    """[start, stop) pieces of a leading axis: at most `limit` bytes each, a multiple of `align` rows if possible."""
-    step = max(1, limit // max(row_bytes, 1))
-    if align > 1:
-        step = max(align, step // align * align)
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
-def _box(ndim: int, axis: int | None, start: int, stop: int) -> tuple[slice, ...]:
-    return tuple(slice(start, stop) if d == axis else slice(None) for d in range(ndim))
-
-
-def assemble(shape: tuple[int, ...], dtype: np.dtype, maps: list[TensorMap], region: tuple[slice, ...],
-             fetch: Callable[[TensorMap, tuple[slice, ...]], np.ndarray]) -> np.ndarray:
-    """`param[region]` of a parameter of `shape` built from the checkpoint tensors mapped to it.
-
-    fetch(m, box) returns `to_qwax(tensor m.hf_key)[box]`; only the boxes that intersect `region` are fetched.
-    """
-    bounds = []
-    for d, n in enumerate(shape):
-        s = region[d] if d < len(region) else slice(None)
-        start, stop, _ = s.indices(n)
-        bounds.append((start, stop))
-    out = np.empty([hi - lo for lo, hi in bounds], dtype)
-    covered = 0
-    for m in maps:
-        out_sel: list[Any] = []
-        box: list[slice] = []
-        for (lo, hi), e in zip(bounds, _norm_index(m.index, shape)):
-            if isinstance(e, int):
-                if not lo <= e < hi:
-                    break
-                out_sel.append(e - lo)
-            else:
-                s, t = max(e[0], lo), min(e[1], hi)
-                if s >= t:
-                    break
-                out_sel.append(slice(s - lo, t - lo))
-                box.append(slice(s - e[0], t - e[0]))
-        else:
-            piece = fetch(m, tuple(box))
-            out[tuple(out_sel)] = piece
-            covered += piece.size
-    if covered != out.size:
-        raise CheckpointError(f"checkpoint tensors {[m.hf_key for m in maps][:3]}... cover {covered} of the "
-                              f"{out.size} values of region {region} of a parameter of shape {list(shape)}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- sources
-class HFSource:
-    """fetch(m, box) from a safetensors checkpoint, reading only the leading-axis rows the box needs."""
-
-    def __init__(self, reader: CheckpointReader):
-        self.reader = reader
-        self._cache: tuple[str, int, int, np.ndarray] | None = None  # last rows read: devices often share them
-        self.max_read_bytes = 0
-
-    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
-        if self._cache is not None and self._cache[:3] == (key, start, stop):
-            return self._cache[3]
-        self._cache = None
-        data = self.reader.get_slice(key, start, stop)
-        self.max_read_bytes = max(self.max_read_bytes, data.nbytes)
-        self._cache = (key, start, stop, data)
-        return data
-
-    def fetch(self, m: TensorMap, box: tuple[slice, ...]) -> np.ndarray:
-        shape = self.reader.shape(m.hf_key)
-        axis = _row_axis(m, shape)
-        if axis is None:
-            return m.to_qwax(self.rows(m.hf_key, 0, shape[0]) if shape else self.reader.get(m.hf_key))[box]
-        start, stop, _ = (box[axis] if axis < len(box) else slice(None)).indices(shape[0])
-        piece = m.to_qwax(self.rows(m.hf_key, start, stop))
-        return piece[tuple(slice(None) if d == axis else s for d, s in enumerate(box))]
-
-    def clear(self) -> None:
-        self._cache = None
-
-
 # ---------------------------------------------------------------------------------------------- plans
 @dataclass
 class _Param:
     path: Path_
     shape: tuple[int, ...]
-    model_dtype: np.dtype  # the parameter's dtype in a model built with the config's param_dtype
+    model_dtype: np.dtype  # the parameter's dtype in the model the options build
     logical_axes: tuple[Any, ...]
     maps: list[TensorMap] = field(default_factory=list)
 
@@ -188,8 +77,10 @@ class _Param:
         return param_name(self.path)
 
 
-def _params(cfg: QwaxConfig, maps: list[TensorMap]) -> tuple[nnx.GraphDef, nnx.State, dict[Path_, _Param]]:
-    graphdef, abstract = _abstract_model(cfg)
+def _params(cfg: QwaxConfig, options: RunOptions, maps: list[TensorMap]
+            ) -> tuple[nnx.GraphDef, nnx.State, dict[Path_, _Param]]:
+    """The abstract model of cfg and options, and each of its parameters with the checkpoint tensors mapped to it."""
+    graphdef, abstract = abstract_model(cfg, options)
     params: dict[Path_, _Param] = {}
     for p, variable in nnx.to_flat_state(abstract):
         spec = variable.get_value()
@@ -205,23 +96,27 @@ def _params(cfg: QwaxConfig, maps: list[TensorMap]) -> tuple[nnx.GraphDef, nnx.S
     return graphdef, abstract, params
 
 
-def _conversion_params(cfg: QwaxConfig, maps: list[TensorMap]) -> tuple[dict[Path_, _Param], set[Path_]]:
+def _conversion_params(cfg: QwaxConfig, options: RunOptions, maps: list[TensorMap]
+                       ) -> tuple[dict[Path_, _Param], set[Path_]]:
     """The parameters, and those the model keeps in float32 whatever param_dtype says (A_log, the GDN gated norm
     weight): with param_dtype bfloat16, they are the float32 ones."""
-    _, _, params = _params(cfg.replace(param_dtype="bfloat16"), maps)
+    _, _, params = _params(cfg, options.replace(param_dtype="bfloat16"), maps)
     return params, {p.path for p in params.values() if p.model_dtype == np.float32}
 
 
 @dataclass
 class _HFPlan:
     cfg: QwaxConfig
+    options: RunOptions  # only the parameter layout (scan) matters to a conversion
     layout: CheckpointLayout
     maps: list[TensorMap]
     extras: list[str]  # checkpoint keys qwax has no parameter for, kept verbatim by conversions
 
 
-def _plan_hf(path: Path, reader: CheckpointReader, **config_kwargs: Any) -> _HFPlan:
-    """Config, key layout and tensor maps of a checkpoint, with every mapped tensor's shape checked."""
+def _plan_hf(path: Path, reader: CheckpointReader, options: RunOptions | None = None, **config_kwargs: Any
+             ) -> _HFPlan:
+    """Config, key layout and tensor maps of a checkpoint, for a parameter layout given by `options`."""
+    options = RunOptions() if options is None else options
     cfg = QwaxConfig.from_hf(path, **config_kwargs)
     keys = set(reader.keys())
     if cfg.mtp_num_hidden_layers and not any(k.startswith("mtp.") for k in keys):
@@ -229,20 +124,20 @@ def _plan_hf(path: Path, reader: CheckpointReader, **config_kwargs: Any) -> _HFP
                       "no mtp.* tensors (transformers drops them on save); loading without the MTP head.")
         cfg = cfg.replace(mtp_num_hidden_layers=0)
     layout = CheckpointLayout.detect(keys, cfg)
-    maps = tensor_maps(cfg, layout, cfg.uses_scan)
+    maps = tensor_maps(cfg, layout, options.uses_scan(cfg))
     missing = [m.hf_key for m in maps if m.hf_key not in keys]
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}"
                               + (f" (also {missing[1:4]})" if len(missing) > 1 else ""))
     mapped = {m.hf_key for m in maps}
     extras = [k for k in reader.keys() if k not in mapped]
-    return _HFPlan(cfg, layout, maps, extras)
+    return _HFPlan(cfg, options, layout, maps, extras)
 
 
 def _check_shapes(reader: CheckpointReader, params: dict[Path_, _Param]) -> None:
     for p in params.values():
         for m in p.maps:
-            want = _hf_shape(m, _slice_shape(p.shape, m.index))
+            want = hf_shape(m, slice_shape(p.shape, m.index))
             got = tuple(reader.shape(m.hf_key))
             if got != want:
                 raise CheckpointError(f"{reader.file_of(m.hf_key)}: tensor {m.hf_key!r} has shape {list(got)}, "
@@ -327,7 +222,7 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dst} already exists; pass --force (overwrite=True) to replace it")
 
 
-def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: str | None) -> None:
+def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: np.dtype | None) -> None:
     """config.json, tokenizer and other small non-weight files; config's storage dtype follows `dtype`."""
     dst_dir.mkdir(parents=True, exist_ok=True)
     for f in sorted(src_dir.iterdir()):
@@ -340,19 +235,24 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: str | None) -> None:
             for c in (config, config.get("text_config") or {}):
                 for key in ("dtype", "torch_dtype"):
                     if key in c:
-                        c[key] = dtype
+                        c[key] = dtype.name
             (dst_dir / f.name).write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copy2(f, dst_dir / f.name)
 
 
-def _target_dtype(stored: np.dtype, dtype: str | None, pinned: bool) -> np.dtype:
+def _target_dtype(stored: np.dtype, dtype: np.dtype | None, pinned: bool) -> np.dtype:
     """--dtype applies to every tensor, except float32 A_log / GDN norm weights, which stay float32."""
     if dtype is None:
         return np.dtype(stored)
     if pinned and np.dtype(stored) == np.float32:
         return np.dtype(np.float32)
-    return np.dtype(jnp.dtype(dtype))
+    return dtype
+
+
+def _output_dtype(dtype: Any) -> np.dtype | None:
+    """A converter's `dtype` argument (None: as stored) as a numpy dtype; ValueError naming an unknown one."""
+    return None if dtype is None else canonical_dtype(dtype, "dtype")
 
 
 def _crc(crc: int, array: np.ndarray) -> int:
@@ -364,23 +264,28 @@ def _source_dir(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- HF -> orbax
-def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
+def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None,
                         scan_layers: bool = True, overwrite: bool = False, progress: bool = False,
                         **config_overrides: Any) -> ConversionStats:
     """Convert a safetensors checkpoint directory into a qwax orbax checkpoint (see qwax.convert.orbax_io).
 
-    dtype: storage dtype of every parameter (default: as stored; float32 A_log / GDN norm weights stay float32).
-    scan_layers: store the decoder in the scanned layout (parameters stacked per layer group) or unscanned.
+    dtype: storage dtype of every parameter, any dtype-like (default: as stored; float32 A_log / GDN norm weights
+    stay float32). scan_layers: store the decoder in the scanned layout (parameters stacked per layer group) or
+    unscanned. config_overrides: QwaxConfig fields, or other RunOptions fields (which do not change what is
+    stored).
     Tensors qwax has no parameter for (vision tower, a tied lm_head) are kept verbatim as `hf_extra.*` arrays.
     """
     src, dst = Path(src), Path(dst)
+    dtype = _output_dtype(dtype)
+    config_kwargs, option_kwargs = split_overrides(config_overrides)
+    options = RunOptions(**dict(option_kwargs, scan_layers=scan_layers))
     _check_destination(dst, overwrite)
     start = time.perf_counter()
     stats = ConversionStats()
     with CheckpointReader(src) as reader:
-        plan = _plan_hf(_source_dir(src), reader, scan_layers=scan_layers, **config_overrides)
+        plan = _plan_hf(_source_dir(src), reader, options, **config_kwargs)
         cfg = plan.cfg
-        params, pinned = _conversion_params(cfg, plan.maps)
+        params, pinned = _conversion_params(cfg, options, plan.maps)
         _check_shapes(reader, params)
 
         # One dtype per stored array: its checkpoint tensors must agree unless --dtype casts them.
@@ -391,7 +296,7 @@ def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
                 raise CheckpointError(f"{src}: tensors of parameter {p.name} have different dtypes "
                                       f"{sorted(d.name for d in stored)} ({p.maps[0].hf_key!r}, ...); pass --dtype")
             array_dtype[p.name] = _target_dtype(stored.pop(), dtype, p.path in pinned)
-            if dtype is not None and array_dtype[p.name] != np.dtype(jnp.dtype(dtype)):
+            if dtype is not None and array_dtype[p.name] != dtype:
                 stats.kept_float32.append(p.name)
         for key in plan.extras:
             array_dtype[EXTRA_PREFIX + key] = _target_dtype(reader.dtype(key), dtype, False)
@@ -408,9 +313,9 @@ def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
                 writer = OrbaxWriter(tmp)
                 for p in params.values():
                     m0 = p.maps[0]
-                    axis = _row_axis(m0, reader.shape(m0.hf_key))
-                    ranges = [d for d, e in enumerate(_norm_index(m0.index, p.shape)) if not isinstance(e, int)]
-                    units = {d for d, e in enumerate(_norm_index(m0.index, p.shape)) if isinstance(e, int)}
+                    axis = row_axis(m0, reader.shape(m0.hf_key))
+                    ranges = range_dims(norm_index(m0.index, p.shape))
+                    units = {d for d, e in enumerate(norm_index(m0.index, p.shape)) if isinstance(e, int)}
                     split = ranges[axis] if axis is not None else None
                     chunks = chunk_shape(p.shape, array_dtype[p.name].itemsize, split, units)
                     writer.create(p.name, p.shape, array_dtype[p.name], chunks)
@@ -424,15 +329,15 @@ def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
                     shape, source_dtype = tuple(reader.shape(key)), np.dtype(reader.dtype(key))
                     if key in by_key:
                         m, p = by_key[key], owner[key]
-                        name, nidx, axis = p.name, _norm_index(m.index, p.shape), _row_axis(m, shape)
+                        name, nidx, axis = p.name, norm_index(m.index, p.shape), row_axis(m, shape)
                         to_qwax = m.to_qwax
                     else:
-                        name, nidx, axis, to_qwax = EXTRA_PREFIX + key, _norm_index((), shape), (0 if shape else None), None
+                        name, nidx, axis, to_qwax = EXTRA_PREFIX + key, norm_index((), shape), (0 if shape else None), None
                     target = array_dtype[name]
                     crc = stored_crc = 0
                     row_bytes = reader.nbytes(key) // shape[0] if shape and shape[0] else reader.nbytes(key)
-                    align = writer.shapes[name][2][_range_dims(nidx)[axis]] if axis is not None else 1
-                    pieces = _row_bounds(shape[0], row_bytes, align) if axis is not None else [(0, None)]
+                    align = writer.shapes[name][2][range_dims(nidx)[axis]] if axis is not None else 1
+                    pieces = row_bounds(shape[0], row_bytes, align, READ_BYTES) if axis is not None else [(0, None)]
                     for r0, r1 in pieces:
                         rows = reader.get(key) if r1 is None else reader.get_slice(key, r0, r1)
                         source_bytes = rows.nbytes
@@ -441,8 +346,8 @@ def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
                         # The one transpose of the conversion; the stored-layout checksum is verified on read-back.
                         piece = np.ascontiguousarray(to_qwax(rows)) if to_qwax is not None else rows
                         stored_crc = _crc(stored_crc, piece)
-                        box = () if r1 is None else _box(piece.ndim, axis, r0, r1)
-                        writer.write(name, _compose(nidx, box), piece)
+                        rows_box = () if r1 is None else box(piece.ndim, axis, r0, r1)
+                        writer.write(name, compose(nidx, rows_box), piece)
                         bar.update(source_bytes)
                     bar.update(0, tensor_done=True)
                     tensors_meta[key] = {"array": name, "index": _encode_index(nidx), "shape": list(shape),
@@ -458,10 +363,6 @@ def convert_hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
             bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-def _range_dims(nidx: list[int | tuple[int, int]]) -> list[int]:
-    return [d for d, e in enumerate(nidx) if not isinstance(e, int)]
 
 
 def _encode_index(nidx: list[int | tuple[int, int]]) -> list[Any]:
@@ -481,10 +382,11 @@ def _orbax_metadata(cfg: QwaxConfig, plan: _HFPlan, params: dict[Path_, _Param],
     for p in params.values():
         arrays[p.name].update(path=[x for x in p.path], logical_axes=list(p.logical_axes))
     return {
-        "scan_layers": cfg.uses_scan,
+        "scan_layers": plan.options.uses_scan(cfg),  # the stored parameter layout
         "scan_period": cfg.scan_period,
-        "config_overrides": {"scan_layers": cfg.scan_layers, "param_dtype": main_dtype,
-                             "mtp_num_hidden_layers": cfg.mtp_num_hidden_layers},
+        # What to rebuild the model with: config fields that differ from hf/config.json, and run options.
+        "config_overrides": {"mtp_num_hidden_layers": cfg.mtp_num_hidden_layers},
+        "run_options": {"scan_layers": plan.options.scan_layers, "param_dtype": main_dtype},
         "hf_layout": dataclasses.asdict(plan.layout),
         "params": arrays,
         "tensors": ordered,
@@ -519,36 +421,49 @@ def _read_hf_tensor_pieces(reader: OrbaxReader, key: str, meta: dict[str, Any],
     (views: to_hf of the stored pieces) or, with `stored_layout`, as the stored pieces themselves."""
     shape = tuple(meta["shape"])
     if mapped is None:
-        name, nidx, axis, to_hf = EXTRA_PREFIX + key, _norm_index((), shape), (0 if shape else None), None
+        name, nidx, axis, to_hf = EXTRA_PREFIX + key, norm_index((), shape), (0 if shape else None), None
     else:
         m, p = mapped
-        name, nidx, axis, to_hf = p.name, _norm_index(m.index, p.shape), _row_axis(m, shape), m.to_hf
+        name, nidx, axis, to_hf = p.name, norm_index(m.index, p.shape), row_axis(m, shape), m.to_hf
     if stored_layout:
         to_hf = None
     if axis is None:
-        piece = reader.read(name, _compose(nidx, ()))
+        piece = reader.read(name, compose(nidx, ()))
         yield to_hf(piece) if to_hf else piece
         return
     itemsize = np.dtype(jnp.dtype(meta["dtype"])).itemsize
     row_bytes = int(np.prod(shape[1:])) * itemsize
     chunks = reader.params[name]["chunks"]
-    align = chunks[_range_dims(nidx)[axis]]
-    ndim = len(_range_dims(nidx))
-    for r0, r1 in _row_bounds(shape[0], row_bytes, align):
-        piece = reader.read(name, _compose(nidx, _box(ndim, axis, r0, r1)))
+    align = chunks[range_dims(nidx)[axis]]
+    ndim = len(range_dims(nidx))
+    for r0, r1 in row_bounds(shape[0], row_bytes, align, READ_BYTES):
+        piece = reader.read(name, compose(nidx, box(ndim, axis, r0, r1)))
         yield to_hf(piece) if to_hf else piece
 
 
 # ---------------------------------------------------------------------------------------------- orbax -> HF
+def _recorded(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config overrides, run options) recorded in qwax.json. Checkpoints written before run options were split
+    from the config kept both under "config_overrides"; split_overrides tells them apart."""
+    config, options = split_overrides(meta["config_overrides"])
+    options.update(meta.get("run_options", {}))
+    return config, options
+
+
 def _stored_config(reader: OrbaxReader, **overrides: Any) -> QwaxConfig:
-    meta = reader.metadata
-    kwargs = dict(meta["config_overrides"])
+    """The config of the stored model (hf/config.json with the recorded overrides), then `overrides`."""
+    kwargs, _ = _recorded(reader.metadata)
     kwargs.update(overrides)
-    cfg = QwaxConfig.from_hf(reader.directory / HF_FILES_DIR / "config.json", **kwargs)
-    return cfg
+    return QwaxConfig.from_hf(reader.directory / HF_FILES_DIR / "config.json", **kwargs)
 
 
-def convert_orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
+def orbax_layout(path: str | os.PathLike) -> CheckpointLayout:
+    """The layout (key prefix, expert layouts) of the checkpoint a qwax orbax checkpoint was converted from: pass
+    it to `save_hf` to write a model loaded with `load_orbax` back in that layout."""
+    return CheckpointLayout(**OrbaxReader(path).metadata["hf_layout"])
+
+
+def convert_orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None,
                         experts: str | None = None, max_shard_bytes: int | None = None, overwrite: bool = False,
                         progress: bool = False) -> ConversionStats:
     """Export a qwax orbax checkpoint as a safetensors checkpoint directory.
@@ -559,19 +474,21 @@ def convert_orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
     same) and, after writing, read back from the written files and compared again.
     """
     src, dst = Path(src), Path(dst)
+    dtype = _output_dtype(dtype)
     _check_destination(dst, overwrite)
     start = time.perf_counter()
     stats = ConversionStats()
     reader = OrbaxReader(src)
     meta = reader.metadata
     cfg = _stored_config(reader)
-    if cfg.uses_scan != meta["scan_layers"]:
-        raise CheckpointError(f"{src}: stored layout scan_layers={meta['scan_layers']} but the config gives "
-                              f"{cfg.uses_scan}")
+    options = RunOptions(scan_layers=meta["scan_layers"])
+    if options.uses_scan(cfg) != meta["scan_layers"]:
+        raise CheckpointError(f"{src}: stored layout scan_layers={meta['scan_layers']} but the config "
+                              f"({cfg.num_hidden_layers} layers, scan period {cfg.scan_period}) cannot be scanned")
     stored_layout = CheckpointLayout(**meta["hf_layout"])
     layout = _with_experts(stored_layout, experts)
-    maps = tensor_maps(cfg, layout, cfg.uses_scan)
-    params, pinned = _conversion_params(cfg, maps)
+    maps = tensor_maps(cfg, layout, meta["scan_layers"])
+    params, pinned = _conversion_params(cfg, options, maps)
     by_key = {m.hf_key: (m, p) for p in params.values() for m in p.maps}
     recorded = meta["tensors"]
     if layout == stored_layout:
@@ -582,7 +499,7 @@ def convert_orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
     for key in order:
         if key in by_key:
             m, p = by_key[key]
-            shape = _hf_shape(m, _slice_shape(p.shape, m.index))
+            shape = hf_shape(m, slice_shape(p.shape, m.index))
             stored = np.dtype(jnp.dtype(meta["params"][p.name]["dtype"]))
             target = _target_dtype(stored, dtype, p.path in pinned)
         else:
@@ -590,7 +507,7 @@ def convert_orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype
             shape, stored = tuple(info["shape"]), np.dtype(jnp.dtype(info["dtype"]))
             target = _target_dtype(stored, dtype, False)
         entries[key] = {"shape": list(shape), "dtype": target.name, "stored": stored.name}
-        if dtype is not None and target != np.dtype(jnp.dtype(dtype)):
+        if dtype is not None and target != dtype:
             stats.kept_float32.append(key)
     total = sum(int(np.prod(e["shape"])) * np.dtype(jnp.dtype(e["dtype"])).itemsize for e in entries.values())
     bar = _Progress(total, len(order), f"orbax-to-hf {src.name}", progress)
@@ -657,7 +574,7 @@ def _verify_safetensors(directory: Path, entries: dict[str, dict[str, Any]], crc
             crc = 0
             if shape:
                 row_bytes = written.nbytes(key) // shape[0] if shape[0] else 0
-                for r0, r1 in _row_bounds(shape[0], row_bytes):
+                for r0, r1 in row_bounds(shape[0], row_bytes, 1, READ_BYTES):
                     crc = _crc(crc, written.get_slice(key, r0, r1))
             else:
                 crc = _crc(crc, written.get(key))
@@ -668,7 +585,7 @@ def _verify_safetensors(directory: Path, entries: dict[str, dict[str, Any]], crc
 
 
 # ---------------------------------------------------------------------------------------------- HF -> HF
-def convert_hf_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
+def convert_hf_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None,
                      experts: str | None = None, max_shard_bytes: int | None = None, overwrite: bool = False,
                      progress: bool = False) -> ConversionStats:
     """Re-shard (and optionally cast, or change the expert layout of) a safetensors checkpoint.
@@ -676,6 +593,7 @@ def convert_hf_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: s
     Without `dtype` and `experts`, any safetensors checkpoint is copied tensor by tensor, keys and order kept.
     """
     src, dst = Path(src), Path(dst)
+    dtype = _output_dtype(dtype)
     _check_destination(dst, overwrite)
     start = time.perf_counter()
     stats = ConversionStats()
@@ -685,16 +603,16 @@ def convert_hf_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: s
         plan = None
         if dtype is not None or experts is not None:
             plan = _plan_hf(_source_dir(src), reader)
-            params, pinned = _conversion_params(plan.cfg, plan.maps)
+            params, pinned = _conversion_params(plan.cfg, plan.options, plan.maps)
             _check_shapes(reader, params)
             pinned_keys = {m.hf_key for p in params.values() if p.path in pinned for m in p.maps}
         producers: dict[str, tuple[tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = {}
         if plan is not None and experts is not None and _with_experts(plan.layout, experts) != plan.layout:
             source = HFSource(reader)
-            new_maps = tensor_maps(plan.cfg, _with_experts(plan.layout, experts), plan.cfg.uses_scan)
+            new_maps = tensor_maps(plan.cfg, _with_experts(plan.layout, experts), plan.options.uses_scan(plan.cfg))
             for m in new_maps:
                 p = params[m.path]
-                shape = _hf_shape(m, _slice_shape(p.shape, m.index))
+                shape = hf_shape(m, slice_shape(p.shape, m.index))
                 stored = {np.dtype(reader.dtype(x.hf_key)) for x in p.maps}
                 if len(stored) > 1 and dtype is None:
                     raise CheckpointError(f"{src}: tensors of {p.name} have different dtypes; pass --dtype")
@@ -709,7 +627,7 @@ def convert_hf_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: s
                     target = np.dtype(reader.dtype(key))  # integer / bool tensors are never cast
                 producers[key] = (tuple(reader.shape(key)), target,
                                   (lambda k=key, t=target: reader.get(k).astype(t, copy=False)))
-            if dtype is not None and key in pinned_keys and producers[key][1] != np.dtype(jnp.dtype(dtype)):
+            if dtype is not None and key in pinned_keys and producers[key][1] != dtype:
                 stats.kept_float32.append(key)
         entries = {k: {"shape": list(s), "dtype": t.name} for k, (s, t, _) in producers.items()}
         total = sum(int(np.prod(s)) * t.itemsize for s, t, _ in producers.values())
@@ -741,84 +659,57 @@ def convert_hf_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: s
 
 def _assembler(p: _Param, m: TensorMap, target: np.dtype, source: HFSource) -> Callable[[], np.ndarray]:
     def build() -> np.ndarray:
-        region = tuple(slice(e, e + 1) if isinstance(e, int) else slice(*e) for e in _norm_index(m.index, p.shape))
+        region = tuple(slice(e, e + 1) if isinstance(e, int) else slice(*e) for e in norm_index(m.index, p.shape))
         block = assemble(p.shape, target, p.maps, region,
-                         lambda mm, box: source.fetch(mm, box).astype(target, copy=False))
-        squeeze = tuple(d for d, e in enumerate(_norm_index(m.index, p.shape)) if isinstance(e, int))
+                         lambda mm, b: source.fetch(mm, b).astype(target, copy=False))
+        squeeze = tuple(d for d, e in enumerate(norm_index(m.index, p.shape)) if isinstance(e, int))
         return np.ascontiguousarray(m.to_hf(block.squeeze(axis=squeeze)))
     return build
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def param_shardings_for(abstract: nnx.State, mesh: Any, rules: Any) -> dict[Path_, Any]:
-    """{parameter path: NamedSharding} from qwax.sharding's rules (a strategy name, default "fsdp", or a table)."""
-    from qwax.sharding import get_rules, param_shardings
-
-    table = get_rules(rules if rules is not None else "fsdp") if isinstance(rules, (str, type(None))) else rules
-    return {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abstract, table, mesh))}
-
-
-def _place(shape: tuple[int, ...], sharding: Any, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
-    if sharding is None:
-        return jnp.asarray(read(tuple(slice(None) for _ in shape)))
-    return jax.make_array_from_callback(shape, sharding, read)
-
-
-def _merge(graphdef: nnx.GraphDef, abstract: nnx.State, values: dict[Path_, jax.Array]) -> Any:
-    for p, variable in nnx.to_flat_state(abstract):
-        variable.set_value(values.pop(p))
-    return nnx.merge(graphdef, abstract)
-
-
-def place_from_hf(shape: tuple[int, ...], dtype: np.dtype, maps: list[TensorMap], sharding: Any,
-                  source: HFSource) -> jax.Array:
-    """One parameter, built in its sharded form from the checkpoint tensors `maps` (sharding None: one device).
-
-    Used by `qwax.load_hf(path, mesh=..., rules=...)`: each device's region reads only the rows it covers.
-    """
-    def read(region: tuple[slice, ...]) -> np.ndarray:
-        return assemble(shape, dtype, maps, region, lambda m, box: source.fetch(m, box).astype(dtype, copy=False))
-
-    array = _place(shape, sharding, read)
-    source.clear()
-    return array
-
-
-def load_orbax(path: str | os.PathLike, mesh: Any = None, rules: Any = None, dtype: str = "float32",
-               param_dtype: str | None = None, **config_overrides: Any) -> Any:
+def load_orbax(path: str | os.PathLike, mesh: Any = None, rules: Any = None, dtype: Any = "auto",
+               param_dtype: Any = None, *, options: RunOptions | None = None, **overrides: Any) -> Any:
     """Load a qwax orbax checkpoint (written by `qwax convert hf-to-orbax`) as a QwaxForCausalLM.
 
-    The recorded parameter layout is honoured: a checkpoint stored scanned loads scanned unless
-    `scan_layers=False` is passed (and vice versa), and a layout change is done region by region. param_dtype
-    defaults to the dtype the checkpoint stores most parameters in. With `mesh`, each parameter is placed in
-    its sharded form (rules as for qwax.sharding: a strategy name or a table), reading only each device's region.
+    dtype, param_dtype, options: as for `qwax.load_hf`; "auto" (the default) is the dtype the checkpoint stores
+    most parameters in. The recorded parameter layout is honoured: a checkpoint stored scanned loads scanned
+    unless `scan_layers=False` is passed (or options say so), and vice versa; a layout change is done region by
+    region. overrides: RunOptions fields, or QwaxConfig fields. With `mesh`, each parameter is placed in its
+    sharded form (rules as for qwax.sharding: a strategy name or a table), reading only each device's region.
+    The checkpoint's key layout, for `save_hf(..., layout=...)`, is `orbax_layout(path)`.
     """
+    for value, name in ((dtype, "dtype"), (param_dtype, "param_dtype")):  # the caller's error: before any read
+        if value is not None and not (isinstance(value, str) and value.lower() == "auto"):
+            canonical_dtype(value, name)
     reader = OrbaxReader(path)
     meta = reader.metadata
-    stored_param_dtype = meta["config_overrides"]["param_dtype"]
-    cfg = _stored_config(reader, dtype=dtype, param_dtype=param_dtype or stored_param_dtype, **config_overrides)
+    config_kwargs, option_kwargs = split_overrides(overrides)
+    _, recorded = _recorded(meta)
+    if options is None:  # the recorded layout, unless the caller asks for another
+        option_kwargs = {"scan_layers": recorded.get("scan_layers", True), **option_kwargs}
+    opts = resolve_options(lambda: jnp.dtype(recorded["param_dtype"]), dtype, param_dtype, options, **option_kwargs)
+    cfg = _stored_config(reader, **config_kwargs)
     stored_cfg = _stored_config(reader)
     layout = CheckpointLayout(**meta["hf_layout"])
     stored_maps = {m.hf_key: m for m in tensor_maps(stored_cfg, layout, meta["scan_layers"])}
-    maps = tensor_maps(cfg, layout, cfg.uses_scan)
-    graphdef, abstract, params = _params(cfg, maps)
+    maps = tensor_maps(cfg, layout, opts.uses_scan(cfg))
+    graphdef, abstract, params = _params(cfg, opts, maps)
     shardings = param_shardings_for(abstract, mesh, rules) if mesh is not None else {}
-    same_layout = cfg.uses_scan == meta["scan_layers"]
+    same_layout = opts.uses_scan(cfg) == meta["scan_layers"]
     values = {}
     for p in params.values():
         if same_layout:
             def read(region, p=p):
                 return reader.read(p.name, tuple(region)).astype(p.model_dtype, copy=False)
         else:
-            def fetch(m, box, p=p):
+            def fetch(m, piece_box, p=p):
                 sm = stored_maps[m.hf_key]
                 shape = tuple(reader.params[param_name(sm.path)]["shape"])
-                region = _compose(_norm_index(sm.index, shape), box)
+                region = compose(norm_index(sm.index, shape), piece_box)
                 return reader.read(param_name(sm.path), region).astype(p.model_dtype, copy=False)
 
             def read(region, p=p, fetch=fetch):
                 return assemble(p.shape, p.model_dtype, p.maps, region, fetch)
-        values[p.path] = _place(p.shape, shardings.get(p.path), read)
-    model = _merge(graphdef, abstract, values)
-    model.hf_layout = layout
-    return model
+        values[p.path] = place(p.shape, shardings.get(p.path), read)
+    return merge(graphdef, abstract, values)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from qwax.config import QwaxConfig
 from qwax.layers.attention import KVCache
 from qwax.layers.gated_deltanet import GDNState
+from qwax.options import RunOptions
 
 
 CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, so similar requests share compilations
@@ -37,41 +38,48 @@ class Cache(NamedTuple):
     def max_len(self) -> int:
         return self.valid.shape[1]
 
+    def rollback(self, processed: int, keep: int) -> "Cache":
+        """Keep the first `keep` of the last `processed` tokens (a keep_step_states forward): every layer's
+        cache rolls back, and the slots of the dropped tokens become invalid and free."""
+        start = self.index - processed + keep
+        valid = self.valid
+        if processed > keep:
+            valid = jax.lax.dynamic_update_slice(valid, jnp.zeros((valid.shape[0], processed - keep), bool),
+                                                 (0, start))
+        return Cache(layers=tuple(c.rollback(processed, keep) for c in self.layers), valid=valid, index=start,
+                     position=self.position - (processed - keep))
 
-def _layer_cache(cfg: QwaxConfig, mixer: str, batch: int, max_len: int, lead: tuple[int, ...]) -> Any:
-    dtype = jnp.dtype(cfg.dtype)
-    if mixer == "full_attention":
-        return KVCache.empty(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, lead)
-    return GDNState(
-        conv=jnp.zeros((*lead, batch, cfg.linear_conv_kernel_dim, cfg.linear_conv_dim), dtype),
-        recurrent=jnp.zeros((*lead, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                             cfg.linear_value_head_dim), jnp.float32))
+
+# The cache type each token mixer keeps (see the mixers' modules for their layouts).
+MIXER_CACHES = {"full_attention": KVCache, "linear_attention": GDNState}
 
 
-def init_cache(cfg: QwaxConfig, batch: int, max_len: int) -> Cache:
-    """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
-    if cfg.uses_scan:
-        period = cfg.scan_period
-        groups = cfg.num_hidden_layers // period
-        layers = tuple(_layer_cache(cfg, mixer, batch, max_len, (groups,)) for mixer, _ in cfg.layer_kinds[:period])
-    else:
-        layers = tuple(_layer_cache(cfg, mixer, batch, max_len, ()) for mixer, _ in cfg.layer_kinds)
+def empty_cache(cfg: QwaxConfig, opts: RunOptions, batch: int, max_len: int,
+                mixers: tuple[str, ...], lead: tuple[int, ...] = ()) -> Cache:
+    """An empty cache for layers with these token mixers, `batch` rows of up to `max_len` tokens."""
+    layers = tuple(MIXER_CACHES[m].empty(cfg, opts, batch, max_len, lead) for m in mixers)
     return Cache(layers=layers, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                  position=jnp.zeros((batch,), jnp.int32))
 
 
+def init_cache(cfg: QwaxConfig, opts: RunOptions, batch: int, max_len: int) -> Cache:
+    """An empty cache of the decoder stack for `batch` rows of up to `max_len` tokens (prompt + generated),
+    mirroring its layout: one entry per layer of the repeating group, stacked over groups, when it scans."""
+    mixers = tuple(mixer for mixer, _ in cfg.layer_kinds)
+    if opts.uses_scan(cfg):
+        period = cfg.scan_period
+        return empty_cache(cfg, opts, batch, max_len, mixers[:period], (cfg.num_hidden_layers // period,))
+    return empty_cache(cfg, opts, batch, max_len, mixers)
+
+
+def init_mtp_cache(cfg: QwaxConfig, opts: RunOptions, batch: int, max_len: int) -> Cache:
+    """An empty cache for the MTP head's (full-attention) layers."""
+    return empty_cache(cfg, opts, batch, max_len, ("full_attention",) * cfg.mtp_num_hidden_layers)
+
+
 def cache_logical_axes(cache: Cache) -> Cache:
     """The cache's pytree with a tuple of logical axis names at every leaf (for qwax.sharding rules)."""
-    def layer_axes(c: Any) -> Any:
-        if isinstance(c, KVCache):
-            lead = ("layers",) * (c.k.ndim - 4)
-            return KVCache(k=(*lead, "cache_batch", "cache_kv_heads", None, "cache_len"),
-                           v=(*lead, "cache_batch", "cache_kv_heads", "cache_len", None))
-        lead = ("layers",) * (c.conv.ndim - 3)
-        return GDNState(conv=(*lead, "cache_batch", None, "cache_heads"),
-                        recurrent=(*lead, "cache_batch", "cache_heads", None, None))
-
-    return Cache(layers=tuple(layer_axes(c) for c in cache.layers), valid=("cache_batch", "cache_len"),
+    return Cache(layers=tuple(c.logical_axes() for c in cache.layers), valid=("cache_batch", "cache_len"),
                  index=(), position=("cache_batch",))
 
 

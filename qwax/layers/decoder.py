@@ -20,8 +20,13 @@ from qwax.layers.gated_deltanet import GatedDeltaNet
 from qwax.layers.mlp import MLP
 from qwax.layers.moe import SparseMoE
 from qwax.layers.norms import RMSNorm
+from qwax.options import RunOptions
+from qwax.sharding.rules import constrain
 
-# Names accepted by QwaxConfig.remat -> jax.checkpoint policies (None: no rematerialisation).
+# Logical axes of the hidden states between layers (a sharding constraint under qwax.sharding.use_sharding).
+HIDDEN_AXES = ("batch", "length", "act_embed")
+
+# Names accepted by RunOptions.remat -> jax.checkpoint policies (None: no rematerialisation).
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -56,20 +61,21 @@ LayerCache = Any
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: QwaxConfig, mixer: str, ffn: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwaxConfig, opts: RunOptions, mixer: str, ffn: str, *, rngs: nnx.Rngs):
         h = cfg.hidden_size
         self.mixer, self.ffn = mixer, ffn
-        self.input_layernorm = RMSNorm(h, cfg=cfg, rngs=rngs)
+        self.input_layernorm = RMSNorm(h, cfg=cfg, opts=opts, rngs=rngs)
         if mixer == "linear_attention":
-            self.linear_attn = GatedDeltaNet(cfg, rngs=rngs)
+            self.linear_attn = GatedDeltaNet(cfg, opts, rngs=rngs)
         else:
-            self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(h, cfg=cfg, rngs=rngs)
-        self.mlp = SparseMoE(cfg, rngs=rngs) if ffn == "moe" else MLP(h, cfg.intermediate_size, cfg=cfg, rngs=rngs)
+            self.self_attn = Attention(cfg, opts, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(h, cfg=cfg, opts=opts, rngs=rngs)
+        self.mlp = SparseMoE(cfg, opts, rngs=rngs) if ffn == "moe" else MLP(h, cfg.intermediate_size, cfg=cfg, opts=opts, rngs=rngs)
 
     def __call__(self, x: jax.Array, ctx: LayerContext, cache: LayerCache = None
                  ) -> tuple[jax.Array, jax.Array | None, LayerCache]:
         """x [B, L, H] -> (x [B, L, H], router_logits [B*L, E] or None for a dense FFN, updated cache or None)."""
+        x = constrain(x, HIDDEN_AXES)
         h = self.input_layernorm(x)
         if self.mixer == "linear_attention":
             h, state = self.linear_attn(h, ctx.valid, ctx.segment_ids, cache, ctx.keep_step_states)
@@ -83,14 +89,14 @@ class DecoderLayer(nnx.Module):
             h, router_logits = self.mlp(h)
         else:
             h, router_logits = self.mlp(h), None
-        return x + h, router_logits, cache
+        return constrain(x + h, HIDDEN_AXES), router_logits, cache
 
 
 class LayerGroup(nnx.Module):
     """One period of the layer pattern, e.g. (GDN, GDN, GDN, attention)."""
 
-    def __init__(self, cfg: QwaxConfig, kinds: tuple[tuple[str, str], ...], *, rngs: nnx.Rngs):
-        self.layers = nnx.List([DecoderLayer(cfg, mixer, ffn, rngs=rngs) for mixer, ffn in kinds])
+    def __init__(self, cfg: QwaxConfig, opts: RunOptions, kinds: tuple[tuple[str, str], ...], *, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(cfg, opts, mixer, ffn, rngs=rngs) for mixer, ffn in kinds])
 
     def __call__(self, x: jax.Array, ctx: LayerContext, caches: tuple[LayerCache, ...] | None = None):
         """Returns x, the group's router logits stacked [n_moe_layers_in_group, B*L, E] (or None), and the
@@ -114,26 +120,26 @@ def _remat(fn, policy_name: str):
 class Decoder(nnx.Module):
     """The stack of `num_hidden_layers` decoder layers.
 
-    Scanned layout (cfg.scan_layers and the pattern repeats): `groups` is one LayerGroup whose parameters carry a
+    Scanned layout (opts.scan_layers and the pattern repeats): `groups` is one LayerGroup whose parameters carry a
     leading [num_groups] axis. Unrolled layout: `layers` is a list of DecoderLayer.
     """
 
-    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
-        self.remat = cfg.remat
+    def __init__(self, cfg: QwaxConfig, opts: RunOptions, *, rngs: nnx.Rngs):
+        self.remat = opts.remat
         period = cfg.scan_period
         self.num_groups = cfg.num_hidden_layers // period
-        self.scanned = cfg.uses_scan
+        self.scanned = opts.uses_scan(cfg)
         if self.scanned:
             kinds = cfg.layer_kinds[:period]
 
             @nnx.split_rngs(splits=self.num_groups)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make_groups(rngs: nnx.Rngs) -> LayerGroup:
-                return LayerGroup(cfg, kinds, rngs=rngs)
+                return LayerGroup(cfg, opts, kinds, rngs=rngs)
 
             self.groups = make_groups(rngs)
         else:
-            self.layers = nnx.List([DecoderLayer(cfg, m, f, rngs=rngs) for m, f in cfg.layer_kinds])
+            self.layers = nnx.List([DecoderLayer(cfg, opts, m, f, rngs=rngs) for m, f in cfg.layer_kinds])
 
     def _scan_with_cache(self, graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, ctx: LayerContext,
                          cache: tuple) -> tuple[jax.Array, jax.Array | None, tuple]:

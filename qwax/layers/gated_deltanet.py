@@ -1,4 +1,4 @@
-"""Gated DeltaNet token mixer (shared/spec/ARCHITECTURE.md section 4; Yang, Kautz, Hatamizadeh, ICLR 2025).
+"""Gated DeltaNet token mixer (docs/model.md, Gated DeltaNet; Yang, Kautz, Hatamizadeh, ICLR 2025).
 
 x -> projections (q|k|v, z, b, a) -> causal depthwise conv1d + SiLU over q|k|v -> L2-normalised q, k;
 beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias) -> gated delta rule -> gated RMSNorm(o, z) -> out_proj.
@@ -20,15 +20,44 @@ from flax import nnx
 from qwax.config import QwaxConfig
 from qwax.layers.common import Linear, param
 from qwax.layers.norms import GatedRMSNorm
-from qwax.pallas_kernels import gated_delta_rule, gated_delta_rule_step
+from qwax.options import RunOptions
+from qwax.pallas_kernels.causal_conv import causal_depthwise_conv
+from qwax.pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 
 
 class GDNState(NamedTuple):
-    """Per-layer recurrent cache: conv [B, K, conv_dim] raw pre-conv inputs of the last K positions; recurrent
-    [B, Hv, dk, dv] float32."""
+    """Per-layer recurrent cache: conv [*lead, B, K, conv_dim] raw pre-conv inputs of the last K positions;
+    recurrent [*lead, B, Hv, dk, dv] float32 (`lead`: stacked-layer dims).
+
+    After a call with keep_step_states, both hold the state after each of the L new tokens instead: conv
+    [*lead, B, K + L, conv_dim] (the history the last K of which is the state after token L) and recurrent
+    [*lead, B, L, Hv, dk, dv]; `rollback` picks one of them.
+    """
 
     conv: jax.Array
     recurrent: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: QwaxConfig, opts: RunOptions, batch: int, max_len: int, lead: tuple[int, ...] = ()
+              ) -> "GDNState":
+        """The zero state (its size does not depend on `max_len`)."""
+        del max_len
+        return cls(conv=jnp.zeros((*lead, batch, cfg.linear_conv_kernel_dim, cfg.linear_conv_dim), opts.dtype),
+                   recurrent=jnp.zeros((*lead, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                        cfg.linear_value_head_dim), jnp.float32))
+
+    def logical_axes(self) -> "GDNState":
+        """The same structure with a tuple of logical axis names per array (for qwax.sharding rules)."""
+        lead = ("layers",) * (self.conv.ndim - 3)
+        return GDNState(conv=(*lead, "cache_batch", None, "cache_heads"),
+                        recurrent=(*lead, "cache_batch", "cache_heads", None, None))
+
+    def rollback(self, processed: int, keep: int) -> "GDNState":
+        """From the per-token states of a keep_step_states call over `processed` tokens, the state after the
+        first `keep` of them (1 <= keep <= processed)."""
+        k = self.conv.shape[-2] - processed
+        conv = jax.lax.slice_in_dim(self.conv, keep, keep + k, axis=self.conv.ndim - 2)
+        return GDNState(conv=conv, recurrent=jnp.take(self.recurrent, keep - 1, axis=self.recurrent.ndim - 4))
 
 
 def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -37,90 +66,32 @@ def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, history: jax.Array | None = None,
-                          segment_ids: jax.Array | None = None) -> jax.Array:
-    """out[t, c] = sum_j kernel[c, j] * x[t - (K-1) + j, c], with `history` (or zeros) before position 0.
-
-    x [B, L, C], kernel [C, K], history [B, K-1, C], segment_ids [B, L] (taps never reach into an earlier
-    document) -> [B, L, C], computed in the kernel's dtype.
-    """
-    b, l, c = x.shape
-    k = kernel.shape[-1]
-    x = x.astype(kernel.dtype)
-    if history is None:
-        history = jnp.zeros((b, k - 1, c), x.dtype)
-    padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
-    keep = None
-    if segment_ids is not None:  # tap j reads position t - (K-1-j): keep it only inside t's document
-        keep = jnp.stack([jnp.pad(segment_ids, ((0, 0), (k - 1 - j, 0)), constant_values=-1)[:, :l] == segment_ids
-                          for j in range(k)])
-    return _shifted_taps(padded, kernel, keep)
-
-
-def _masked(x: jax.Array, keep: jax.Array | None, j: int) -> jax.Array:
-    """x [B, L, C] with the positions where tap j leaves the document zeroed."""
-    return x if keep is None else jnp.where(keep[j][..., None], x, 0)
-
-
-# K is tiny (4): K shifted multiply-adds beat a general convolution on every backend. The VJP is written out
-# because autodiff's kernel gradient (a reduction over tokens of each masked tap) and input gradient compiled on
-# the CPU into slow strided fusions: 184 -> 99 ms for projection + conv forward+backward at L=2048, C=1024.
-@jax.custom_vjp
-def _shifted_taps(padded: jax.Array, kernel: jax.Array, keep: jax.Array | None) -> jax.Array:
-    """padded [B, K-1+L, C], kernel [C, K], keep [K, B, L] bool or None -> [B, L, C]."""
-    k = kernel.shape[-1]
-    l = padded.shape[1] - k + 1
-    out = _masked(padded[:, :l], keep, 0) * kernel[:, 0]
-    for j in range(1, k):
-        out = out + _masked(padded[:, j: j + l], keep, j) * kernel[:, j]
-    return out
-
-
-def _shifted_taps_fwd(padded, kernel, keep):
-    return _shifted_taps(padded, kernel, keep), (padded, kernel, keep)
-
-
-def _shifted_taps_bwd(res, g):
-    padded, kernel, keep = res
-    b, l, c = g.shape
-    d_padded, d_kernel = jnp.zeros_like(padded), []
-    for j in range(kernel.shape[-1]):
-        g_j = _masked(g, keep, j)
-        d_padded = d_padded.at[:, j: j + l].add(g_j * kernel[:, j])
-        # A [B*L, C] contraction, not a reduction over the middle axis of [B, L, C].
-        d_kernel.append(jnp.einsum("nc,nc->c", padded[:, j: j + l].reshape(b * l, c), g_j.reshape(b * l, c)))
-    return d_padded, jnp.stack(d_kernel, axis=-1), None
-
-
-_shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
-
-
 class GatedDeltaNet(nnx.Module):
     """The linear-attention mixer. See the module docstring for the math and the two projection layouts."""
 
-    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwaxConfig, opts: RunOptions, *, rngs: nnx.Rngs):
         h = cfg.hidden_size
         self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.head_k_dim, self.head_v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
         self.layout = cfg.gdn_projection_layout
-        self.impl, self.chunk_size = cfg.gdn_impl, cfg.gdn_chunk_size
+        self.impl, self.chunk_size, self.conv_impl = opts.gdn_impl, opts.gdn_chunk_size, opts.conv_impl
         if self.layout == "flat":
-            self.in_proj_qkv = Linear(h, cfg.linear_conv_dim, ("embed", "gdn_qkv"), cfg=cfg, rngs=rngs)
-            self.in_proj_z = Linear(h, self.value_dim, ("embed", "gdn_heads"), cfg=cfg, rngs=rngs)
-            self.in_proj_b = Linear(h, self.num_v_heads, ("embed", "gdn_heads"), cfg=cfg, rngs=rngs)
-            self.in_proj_a = Linear(h, self.num_v_heads, ("embed", "gdn_heads"), cfg=cfg, rngs=rngs)
+            self.in_proj_qkv = Linear(h, cfg.linear_conv_dim, ("embed", "gdn_qkv"), cfg=cfg, opts=opts, rngs=rngs)
+            self.in_proj_z = Linear(h, self.value_dim, ("embed", "gdn_heads"), cfg=cfg, opts=opts, rngs=rngs)
+            self.in_proj_b = Linear(h, self.num_v_heads, ("embed", "gdn_heads"), cfg=cfg, opts=opts, rngs=rngs)
+            self.in_proj_a = Linear(h, self.num_v_heads, ("embed", "gdn_heads"), cfg=cfg, opts=opts, rngs=rngs)
         else:
             qkvz = 2 * self.key_dim + 2 * self.value_dim
-            self.in_proj_qkvz = Linear(h, qkvz, ("embed", "gdn_heads"), cfg=cfg, rngs=rngs)
-            self.in_proj_ba = Linear(h, 2 * self.num_v_heads, ("embed", "gdn_heads"), cfg=cfg, rngs=rngs)
-        self.conv1d = param(rngs, (cfg.linear_conv_dim, cfg.linear_conv_kernel_dim), ("gdn_qkv", "conv"), cfg=cfg)
+            self.in_proj_qkvz = Linear(h, qkvz, ("embed", "gdn_heads"), cfg=cfg, opts=opts, rngs=rngs)
+            self.in_proj_ba = Linear(h, 2 * self.num_v_heads, ("embed", "gdn_heads"), cfg=cfg, opts=opts, rngs=rngs)
+        self.conv1d = param(rngs, (cfg.linear_conv_dim, cfg.linear_conv_kernel_dim), ("gdn_qkv", "conv"), cfg=cfg, opts=opts)
         # Initialisation as in the reference: A ~ U(0.01, 16) (log-space), dt_bias = 1. A_log stays float32.
         a = jax.random.uniform(rngs.params(), (self.num_v_heads,), jnp.float32, 0.01, 16.0)
         self.A_log = nnx.Param(jnp.log(a), logical_axes=("gdn_heads",))
-        self.dt_bias = param(rngs, (self.num_v_heads,), ("gdn_heads",), init=1.0, cfg=cfg)
-        self.norm = GatedRMSNorm(self.head_v_dim, cfg=cfg, rngs=rngs)
-        self.out_proj = Linear(self.value_dim, h, ("gdn_heads", "embed"), cfg=cfg, rngs=rngs)
+        self.dt_bias = param(rngs, (self.num_v_heads,), ("gdn_heads",), init=1.0, cfg=cfg, opts=opts)
+        self.norm = GatedRMSNorm(self.head_v_dim, cfg=cfg, opts=opts, rngs=rngs)
+        self.out_proj = Linear(self.value_dim, h, ("gdn_heads", "embed"), cfg=cfg, opts=opts, rngs=rngs)
 
     def project(self, x: jax.Array):
         """x [B, L, H] -> (qkv [B, L, conv_dim] in flat q|k|v order, z [B, L, Hv, dv], b, a [B, L, Hv])."""
@@ -158,7 +129,7 @@ class GatedDeltaNet(nnx.Module):
         kernel = self.conv1d[...]
         k_size = kernel.shape[-1]
         history = None if state is None else state.conv[:, 1:]
-        mixed = causal_depthwise_conv(qkv, kernel, history, segment_ids)
+        mixed = causal_depthwise_conv(qkv, kernel, history, segment_ids, impl=self.conv_impl)
         mixed = jax.nn.silu(mixed).astype(x.dtype)
         q, k, v = jnp.split(mixed, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = l2_normalise(q.reshape(bsz, l, self.num_k_heads, self.head_k_dim))

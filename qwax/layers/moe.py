@@ -1,4 +1,4 @@
-"""Sparse Mixture-of-Experts feed-forward with a shared expert (shared/spec/ARCHITECTURE.md section 7).
+"""Sparse Mixture-of-Experts feed-forward with a shared expert (docs/model.md, Sparse MoE).
 
 router logits = x @ W_r (activation dtype) -> softmax in float32 over all experts -> top-k -> renormalise
 (always for Qwen3.5-MoE, iff `norm_topk_prob` for Qwen3-Next) -> routed SwiGLU experts, combined with those
@@ -14,8 +14,8 @@ from flax import nnx
 from qwax.config import QwaxConfig
 from qwax.layers.common import Linear, param
 from qwax.layers.mlp import MLP
-from qwax.pallas_kernels.moe import routed_experts
-from qwax.sharding import expert_parallel
+from qwax.options import RunOptions
+from qwax.pallas_kernels.moe.sharded import sharded_routed_experts
 
 
 def route(router_logits: jax.Array, top_k: int, normalise: bool) -> tuple[jax.Array, jax.Array]:
@@ -47,17 +47,17 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int, valid: jax.Array |
 class SparseMoE(nnx.Module):
     """Router [H, E], experts gate_up [E, H, 2I] (gate columns first) and down [E, I, H], shared SwiGLU expert."""
 
-    def __init__(self, cfg: QwaxConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwaxConfig, opts: RunOptions, *, rngs: nnx.Rngs):
         h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.top_k = cfg.num_experts_per_tok
-        self.normalise = cfg.norm_topk_prob or cfg.model_type == "qwen3_5_moe_text"
-        self.impl = cfg.moe_impl
-        self.dtype = jnp.dtype(cfg.dtype)
-        self.gate = Linear(h, e, ("embed", "experts_router"), cfg=cfg, rngs=rngs)
-        self.experts_gate_up = param(rngs, (e, h, 2 * i), ("experts", "embed", "expert_mlp"), cfg=cfg)
-        self.experts_down = param(rngs, (e, i, h), ("experts", "expert_mlp", "embed"), cfg=cfg)
-        self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, cfg=cfg, rngs=rngs)
-        self.shared_expert_gate = Linear(h, 1, ("embed", None), cfg=cfg, rngs=rngs)
+        self.normalise = cfg.normalise_topk
+        self.impl = opts.moe_impl
+        self.dtype = opts.dtype
+        self.gate = Linear(h, e, ("embed", "experts_router"), cfg=cfg, opts=opts, rngs=rngs)
+        self.experts_gate_up = param(rngs, (e, h, 2 * i), ("experts", "embed", "expert_mlp"), cfg=cfg, opts=opts)
+        self.experts_down = param(rngs, (e, i, h), ("experts", "expert_mlp", "embed"), cfg=cfg, opts=opts)
+        self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, cfg=cfg, opts=opts, rngs=rngs)
+        self.shared_expert_gate = Linear(h, 1, ("embed", None), cfg=cfg, opts=opts, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, L, H] -> (y [B, L, H], router_logits [B*L, E] for the auxiliary loss)."""
@@ -66,10 +66,6 @@ class SparseMoE(nnx.Module):
         logits = self.gate(x)
         idx, weights = route(logits, self.top_k, self.normalise)
         w_gate_up, w_down = self.experts_gate_up[...].astype(self.dtype), self.experts_down[...].astype(self.dtype)
-        mesh = expert_parallel.expert_mesh()  # experts sharded over a mesh axis: all_to_all dispatch
-        if mesh is not None:
-            routed = expert_parallel.routed_experts(x, idx, weights, w_gate_up, w_down, mesh=mesh, impl=self.impl)
-        else:
-            routed = routed_experts(x, idx, weights, w_gate_up, w_down, impl=self.impl)
+        routed = sharded_routed_experts(x, idx, weights, w_gate_up, w_down, impl=self.impl)
         shared = jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape), logits

@@ -1,4 +1,4 @@
-"""RMSNorm variants of Qwen3-Next / Qwen3.5 (shared/spec/ARCHITECTURE.md section 6)."""
+"""RMSNorm variants of Qwen3-Next / Qwen3.5 (docs/model.md, The decoder stack)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flax import nnx
 
 from qwax.config import QwaxConfig
 from qwax.layers.common import param
+from qwax.options import RunOptions
 
 
 def _rms_normalise(x: jax.Array, eps: float) -> jax.Array:
@@ -21,8 +22,8 @@ class RMSNorm(nnx.Module):
     The weight is stored as an offset from 1 (initialised to 0), as in the checkpoints.
     """
 
-    def __init__(self, dim: int, *, cfg: QwaxConfig, rngs: nnx.Rngs, axis_name: str = "norm"):
-        self.weight = param(rngs, (dim,), (axis_name,), init=0.0, cfg=cfg)
+    def __init__(self, dim: int, *, cfg: QwaxConfig, opts: RunOptions, rngs: nnx.Rngs, axis_name: str = "norm"):
+        self.weight = param(rngs, (dim,), (axis_name,), init=0.0, cfg=cfg, opts=opts)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -37,9 +38,9 @@ class GatedRMSNorm(nnx.Module):
     Precision follows the reference: normalise in float32, cast to the input dtype, scale by w, gate in float32.
     """
 
-    def __init__(self, dim: int, *, cfg: QwaxConfig, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, cfg: QwaxConfig, opts: RunOptions, rngs: nnx.Rngs):
         # Published checkpoints keep this weight in float32 whatever the model dtype.
-        self.weight = param(rngs, (dim,), ("norm",), init=1.0, cfg=cfg, dtype=jnp.float32)
+        self.weight = param(rngs, (dim,), ("norm",), init=1.0, cfg=cfg, opts=opts, dtype=jnp.float32)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:

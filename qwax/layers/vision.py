@@ -1,4 +1,4 @@
-"""The Qwen3.5 vision tower (shared/spec/ARCHITECTURE.md section 9.2): patches -> ViT blocks -> 2x2 merger.
+"""The Qwen3.5 vision tower (docs/model.md, Vision tower): patches -> ViT blocks -> 2x2 merger.
 
 pixel_values holds one row of C*T*P*P values per patch (channel, time, y, x), rows in merge-block order
 (frame, block_row, block_col, in_row, in_col). The tower adds a learned position table sampled bilinearly onto each
@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from qwax.options import RunOptions
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -45,9 +47,6 @@ class VisionConfig:
     num_position_embeddings: int = 2304
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
-    # Implementation choices (not part of the checkpoint).
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ValueError:
@@ -82,7 +81,7 @@ class VisionConfig:
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any], **overrides: Any) -> "VisionConfig":
         """Read a transformers `vision_config` dict."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "rope_theta"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta"}
         kwargs: dict[str, Any] = {k: cfg[k] for k in names if cfg.get(k) is not None}
         for key in ("patch_size", "temporal_patch_size"):
             if isinstance(kwargs.get(key), (list, tuple)):
@@ -108,22 +107,23 @@ class VisionConfig:
         }
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], cfg: VisionConfig, init: str | float = "normal") -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], cfg: VisionConfig, opts: RunOptions,
+           init: str | float = "normal") -> nnx.Param:
     """A replicated parameter (the tower is small next to the language model; no logical axes are sharded)."""
     if init == "normal":
         value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
     else:
         value = jnp.full(shape, float(init), jnp.float32)
-    return nnx.Param(value.astype(cfg.param_dtype), logical_axes=(None,) * len(shape))
+    return nnx.Param(value.astype(opts.param_dtype), logical_axes=(None,) * len(shape))
 
 
 class Dense(nnx.Module):
     """y = x @ kernel + bias; kernel [in, out] (torch's weight transposed), bias [out]."""
 
-    def __init__(self, din: int, dout: int, *, cfg: VisionConfig, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, (din, dout), cfg)
-        self.bias = _param(rngs, (dout,), cfg, init=0.0)
-        self.dtype = jnp.dtype(cfg.dtype)
+    def __init__(self, din: int, dout: int, *, cfg: VisionConfig, opts: RunOptions, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (din, dout), cfg, opts)
+        self.bias = _param(rngs, (dout,), cfg, opts, init=0.0)
+        self.dtype = opts.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out]."""
@@ -133,9 +133,9 @@ class Dense(nnx.Module):
 class LayerNorm(nnx.Module):
     """Standard LayerNorm with weight and bias (eps 1e-6), normalised in float32."""
 
-    def __init__(self, dim: int, *, cfg: VisionConfig, rngs: nnx.Rngs, eps: float = 1e-6):
-        self.weight = _param(rngs, (dim,), cfg, init=1.0)
-        self.bias = _param(rngs, (dim,), cfg, init=0.0)
+    def __init__(self, dim: int, *, cfg: VisionConfig, opts: RunOptions, rngs: nnx.Rngs, eps: float = 1e-6):
+        self.weight = _param(rngs, (dim,), cfg, opts, init=1.0)
+        self.bias = _param(rngs, (dim,), cfg, opts, init=0.0)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -224,10 +224,10 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 class VisionAttention(nnx.Module):
     """Non-causal multi-head attention over the patches of one frame. qkv [D, 3D] rows [q | k | v], proj [D, D]."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, opts: RunOptions, *, rngs: nnx.Rngs):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = Dense(cfg.hidden_size, 3 * cfg.hidden_size, cfg=cfg, rngs=rngs)
-        self.proj = Dense(cfg.hidden_size, cfg.hidden_size, cfg=cfg, rngs=rngs)
+        self.qkv = Dense(cfg.hidden_size, 3 * cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
+        self.proj = Dense(cfg.hidden_size, cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [F, S, D] (F frames of S patches), cos/sin [F, S, head_dim] -> [F, S, D]."""
@@ -244,9 +244,9 @@ class VisionAttention(nnx.Module):
 
 
 class VisionMLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        self.linear_fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, cfg=cfg, rngs=rngs)
-        self.linear_fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, cfg=cfg, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, opts: RunOptions, *, rngs: nnx.Rngs):
+        self.linear_fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, cfg=cfg, opts=opts, rngs=rngs)
+        self.linear_fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -256,11 +256,11 @@ class VisionMLP(nnx.Module):
 class VisionBlock(nnx.Module):
     """Pre-LN block: x += attn(norm1(x)) within each frame; x += mlp(norm2(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        self.norm1 = LayerNorm(cfg.hidden_size, cfg=cfg, rngs=rngs)
-        self.norm2 = LayerNorm(cfg.hidden_size, cfg=cfg, rngs=rngs)
-        self.attn = VisionAttention(cfg, rngs=rngs)
-        self.mlp = VisionMLP(cfg, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, opts: RunOptions, *, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
+        self.norm2 = LayerNorm(cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
+        self.attn = VisionAttention(cfg, opts, rngs=rngs)
+        self.mlp = VisionMLP(cfg, opts, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: GridLayout) -> jax.Array:
         """x [N, D]; cos/sin [N, head_dim]."""
@@ -282,11 +282,11 @@ class VisionBlock(nnx.Module):
 class PatchMerger(nnx.Module):
     """LayerNorm per patch, concatenate each merge block (4 patches), fc1, exact GELU, fc2 -> out_hidden_size."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, opts: RunOptions, *, rngs: nnx.Rngs):
         width = cfg.hidden_size * cfg.merge_unit
-        self.norm = LayerNorm(cfg.hidden_size, cfg=cfg, rngs=rngs)
-        self.linear_fc1 = Dense(width, width, cfg=cfg, rngs=rngs)
-        self.linear_fc2 = Dense(width, cfg.out_hidden_size, cfg=cfg, rngs=rngs)
+        self.norm = LayerNorm(cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
+        self.linear_fc1 = Dense(width, width, cfg=cfg, opts=opts, rngs=rngs)
+        self.linear_fc2 = Dense(width, cfg.out_hidden_size, cfg=cfg, opts=opts, rngs=rngs)
         self.width = width
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -298,12 +298,12 @@ class PatchMerger(nnx.Module):
 class VisionModel(nnx.Module):
     """Weights: patch_embed [C*T*P*P, D] + bias (the Conv3d as a Linear), pos_embed [side^2, D], blocks, merger."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, opts: RunOptions, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, cfg=cfg, rngs=rngs)
-        self.pos_embed = _param(rngs, (cfg.num_position_embeddings, cfg.hidden_size), cfg)
-        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.merger = PatchMerger(cfg, rngs=rngs)
+        self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, cfg=cfg, opts=opts, rngs=rngs)
+        self.pos_embed = _param(rngs, (cfg.num_position_embeddings, cfg.hidden_size), cfg, opts)
+        self.blocks = nnx.List([VisionBlock(cfg, opts, rngs=rngs) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, opts, rngs=rngs)
 
     def rotary(self, layout: GridLayout) -> tuple[jax.Array, jax.Array]:
         """cos, sin [N, head_dim]: angles [row * inv_freq | col * inv_freq], duplicated (rotate-half layout)."""

@@ -70,22 +70,21 @@ class MultimodalConfig:
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **text_overrides: Any) -> "MultimodalConfig":
-        """Read a multimodal config.json (dict, file or directory). `text_overrides` replace QwaxConfig fields;
-        dtype / param_dtype apply to the vision tower too."""
+        """Read a multimodal config.json (dict, file or directory). `text_overrides` replace QwaxConfig fields."""
         cfg = _read(path_or_dict)
         if cfg.get("model_type") not in MULTIMODAL_TYPES or cfg.get("vision_config") is None:
             raise ConfigError(f"config field 'model_type' = {cfg.get('model_type')!r}: expected a multimodal "
                               f"config ({tuple(MULTIMODAL_TYPES)}) with a vision_config")
         text = QwaxConfig.from_hf(cfg, **text_overrides)
-        vision_overrides = {k: text_overrides[k] for k in ("dtype", "param_dtype") if k in text_overrides}
-        vision = VisionConfig.from_hf(cfg["vision_config"], **vision_overrides)
+        vision = VisionConfig.from_hf(cfg["vision_config"])
         ids = {k: cfg[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                    "vision_end_token_id") if cfg.get(k) is not None}
         return cls(text=text, vision=vision, model_type=cfg["model_type"], **ids)
 
-    def to_hf(self) -> dict[str, Any]:
-        """The transformers config.json dict of the `*ForConditionalGeneration` model."""
-        text = self.text.to_hf()
+    def to_hf(self, dtype: Any = None) -> dict[str, Any]:
+        """The transformers config.json dict of the `*ForConditionalGeneration` model (`dtype`: as for
+        QwaxConfig.to_hf)."""
+        text = self.text.to_hf(dtype)
         text.pop("architectures", None)
         return {
             "architectures": [_ARCHITECTURES[self.model_type]],

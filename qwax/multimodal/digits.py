@@ -60,7 +60,7 @@ def model_config() -> MultimodalConfig:
                       head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                       linear_value_head_dim=16, num_experts=0, intermediate_size=128, mrope_section=(1, 1, 0),
                       mrope_interleaved=True, max_position_embeddings=64, eos_token_id=EOS, pad_token_id=PAD,
-                      initializer_range=0.05, scan_layers=False)
+                      initializer_range=0.05)
     vision = VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=4,
                           out_hidden_size=64, num_position_embeddings=16, initializer_range=0.05)
     return MultimodalConfig(text=text, vision=vision, image_token_id=IMAGE, video_token_id=VIDEO,
@@ -97,6 +97,7 @@ def train(recipe: DigitsRecipe = DigitsRecipe(), log=print):
     length = captions.shape[1]
     loss_mask = np.zeros((length - 1,), np.float32)
     loss_mask[len(head) - 1:] = 1.0  # predict every caption token (and eos) after the image
+    # Default RunOptions: float32; the two layers differ in kind, so nothing is scanned.
     model = QwaxForConditionalGeneration(cfg, rngs=nnx.Rngs(recipe.seed))
     positions, _ = model.rope_index(captions[:1], image_grid_thw=[[1, 4, 4]])
     grid = np.tile([[1, 4, 4]], (recipe.batch_size, 1))

@@ -18,6 +18,7 @@ from qwax.layers.vision import VisionModel, check_grids, vision_features
 from qwax.model import ModelOutput, QwaxForCausalLM
 from qwax.multimodal.config import MultimodalConfig
 from qwax.multimodal.rope_index import rope_index
+from qwax.options import RunOptions
 
 
 def scatter_features(embeds: jax.Array, placeholder: jax.Array, features: jax.Array) -> jax.Array:
@@ -35,10 +36,11 @@ def scatter_features(embeds: jax.Array, placeholder: jax.Array, features: jax.Ar
 class QwaxForConditionalGeneration(nnx.Module):
     """Weights: visual (the VisionModel) and language_model (a QwaxForCausalLM with the LM head and MTP)."""
 
-    def __init__(self, cfg: MultimodalConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.visual = VisionModel(cfg.vision, rngs=rngs)
-        self.language_model = QwaxForCausalLM(cfg.text, rngs=rngs)
+    def __init__(self, cfg: MultimodalConfig, options: RunOptions | None = None, *, rngs: nnx.Rngs):
+        opts = RunOptions() if options is None else options
+        self.config, self.options = cfg, opts
+        self.visual = VisionModel(cfg.vision, opts, rngs=rngs)
+        self.language_model = QwaxForCausalLM(cfg.text, opts, rngs=rngs)
 
     def _features(self, input_ids: np.ndarray, pixel_values: Any, grid_thw: Any, token_id: int, kind: str
                   ) -> jax.Array | None:

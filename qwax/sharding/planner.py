@@ -2,13 +2,18 @@
 
 Parameters come from `nnx.eval_shape` of the real model, their per-device shard shapes from the rule table on a
 `jax.sharding.AbstractMesh` (`NamedSharding.shard_shape`), so a 512-chip plan runs on a laptop and agrees with the
-placement `qwax.sharding.init_sharded` makes on real devices.
+placement `qwax.sharding.init.init_sharded` makes on real devices.
+
+How the model runs comes from `RunOptions` (`options`; None means `RunOptions()`, the defaults of the model
+itself: float32 parameters and compute, scanned layers, no remat; the `qwax plan` command line defaults to
+bfloat16 instead): its dtypes size parameters, activations and the cache, its remat policy and layer scan decide
+what the backward pass keeps, and its GDN chunk size the chunked-GDN intermediates.
 
 Training (`mode="train"`):
-  params      the parameters in cfg.param_dtype;
+  params      the parameters in options.param_dtype;
   grads       one gradient per parameter, same dtype and sharding;
   optimizer   AdamW: two float32 moments, plus a float32 master copy when the parameters are narrower than float32;
-  activations what the backward pass keeps, an estimate from the layer shapes and cfg.remat (see `_layer_tensors`):
+  activations what the backward pass keeps, an estimate from the layer shapes and options.remat (see `_layer_tensors`):
               per layer the tensors the remat policy saves, plus one layer's full working set and its cotangents
               (the layer being recomputed / differentiated), plus the logits with their float32 softmax and grad.
 Inference (`mode="infer"`): params; cache = KV cache of the attention layers and GDN conv + recurrent states for
@@ -32,6 +37,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
 from qwax.config import QwaxConfig
+from qwax.options import RunOptions
 from qwax.pallas_kernels.gated_delta_rule import default_chunk_size
 from qwax.sharding.mesh import abstract_mesh, mesh_sizes
 from qwax.sharding.rules import Rules, get_rules, logical_axes_of, partition_spec
@@ -48,11 +54,11 @@ DEVICE_MEMORY_BYTES = {
 }
 
 
-def abstract_params(cfg: QwaxConfig) -> nnx.State:
-    """State of jax.ShapeDtypeStruct parameters (with their logical_axes) of QwaxForCausalLM(cfg)."""
+def abstract_params(cfg: QwaxConfig, options: RunOptions) -> nnx.State:
+    """State of jax.ShapeDtypeStruct parameters (with their logical_axes) of QwaxForCausalLM(cfg, options)."""
     from qwax.model import QwaxForCausalLM
 
-    _, params = nnx.eval_shape(lambda: nnx.split(QwaxForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    _, params = nnx.eval_shape(lambda: nnx.split(QwaxForCausalLM(cfg, options, rngs=nnx.Rngs(0)), nnx.Param))
     return params
 
 
@@ -99,9 +105,9 @@ def _active_count(params: nnx.State, cfg: QwaxConfig) -> int:
 SAVED_KINDS = {"none": ("proj", "bdot", "elem"), "dots": ("proj", "bdot"), "dots_no_batch": ("proj",), "full": ()}
 
 
-def _layer_tensors(cfg: QwaxConfig, mixer: str, ffn: str, b: int, l: int, ep_capacity: int | None
-                   ) -> list[tuple[tuple, tuple, Any, str]]:
-    dt, f32 = jnp.dtype(cfg.dtype), jnp.float32
+def _layer_tensors(cfg: QwaxConfig, opts: RunOptions, mixer: str, ffn: str, b: int, l: int,
+                   ep_capacity: int | None) -> list[tuple[tuple, tuple, Any, str]]:
+    dt, f32 = opts.dtype, jnp.float32
     h = cfg.hidden_size
     hidden = ("batch", "length", "act_embed")
     out = [(hidden, (b, l, h), dt, "elem"), (hidden, (b, l, h), dt, "elem"), (hidden, (b, l, h), dt, "elem")]
@@ -117,7 +123,7 @@ def _layer_tensors(cfg: QwaxConfig, mixer: str, ffn: str, b: int, l: int, ep_cap
     else:
         heads = ("batch", "length", "act_heads")
         hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        c = cfg.gdn_chunk_size or default_chunk_size(cfg.gdn_impl, "tpu")  # plans are for TPUs and GPUs (same C)
+        c = opts.gdn_chunk_size or default_chunk_size(opts.gdn_impl, "tpu")  # plans are for TPUs and GPUs (same C)
         n_chunks = -(-l // c)
         out += [(heads, (b, l, cfg.linear_conv_dim), dt, "proj"), (heads, (b, l, cfg.linear_value_dim), dt, "proj"),
                 (heads, (b, l, 2 * hv), dt, "proj"), (heads, (b, l, cfg.linear_conv_dim), dt, "elem"),
@@ -155,7 +161,7 @@ def _ep_capacity(cfg: QwaxConfig, rules: Rules, mesh: AbstractMesh, batch: int, 
     """Global rows of one EP all_to_all buffer (ep * C per token shard, summed over shards), None without EP."""
     sizes = mesh_sizes(mesh)
     ep = sizes.get("expert", 1)
-    if not cfg.num_experts or ep == 1 or "expert" not in rules.get("experts", ()):
+    if not cfg.has_moe or ep == 1 or "expert" not in rules.get("experts", ()):
         return None
     spec = partition_spec(("batch", "length"), (batch, seq), rules, mesh)
     shards = math.prod(sizes[a] for part in spec if part for a in ((part,) if isinstance(part, str) else part))
@@ -164,37 +170,36 @@ def _ep_capacity(cfg: QwaxConfig, rules: Rules, mesh: AbstractMesh, batch: int, 
     return ep * c * shards
 
 
-def activation_bytes(cfg: QwaxConfig, rules: Rules, mesh: AbstractMesh, batch: int, seq: int, mode: str,
-                     capacity_factor: float | None = None) -> int:
+def activation_bytes(cfg: QwaxConfig, options: RunOptions, rules: Rules, mesh: AbstractMesh, batch: int, seq: int,
+                     mode: str, capacity_factor: float | None = None) -> int:
     """Per-device activation bytes of a training step (remat-aware) or an inference prefill (see module doc)."""
     cap = _ep_capacity(cfg, rules, mesh, batch, seq, capacity_factor)
+    itemsize = options.dtype.itemsize
     kinds = cfg.layer_kinds
-    per_layer = {kind: _layer_tensors(cfg, *kind, batch, seq, cap) for kind in set(kinds)}
+    per_layer = {kind: _layer_tensors(cfg, options, *kind, batch, seq, cap) for kind in set(kinds)}
     working = max(_tensor_bytes(t, rules, mesh) for t in per_layer.values())
-    hidden = _shard_elems((batch, seq, cfg.hidden_size), ("batch", "length", "act_embed"), rules, mesh) \
-        * jnp.dtype(cfg.dtype).itemsize
+    hidden = _shard_elems((batch, seq, cfg.hidden_size), ("batch", "length", "act_embed"), rules, mesh) * itemsize
     logits = _shard_elems((batch, seq, cfg.vocab_size), ("batch", "length", "act_vocab"), rules, mesh)
     if mode == "infer":
-        return working + 2 * hidden + logits * jnp.dtype(cfg.dtype).itemsize
-    if cfg.remat not in SAVED_KINDS:
-        raise ValueError(f"remat policy {cfg.remat!r}: expected one of {sorted(SAVED_KINDS)}")
-    saved = SAVED_KINDS[cfg.remat]
-    period = cfg.scan_period if cfg.uses_scan else 1
+        return working + 2 * hidden + logits * itemsize
+    saved = SAVED_KINDS[options.remat]  # RunOptions has checked the name
+    period = cfg.scan_period if options.uses_scan(cfg) else 1
     groups = len(kinds) // period
     # Each scanned group (or unrolled layer) keeps its input; inside it, what the policy saves.
     kept = groups * hidden + sum(_tensor_bytes(per_layer[k], rules, mesh, saved) for k in kinds)
     if cfg.mtp_num_hidden_layers:
-        mtp_ffn = "moe" if cfg.num_experts and cfg.model_type != "qwen3_5_text" else "dense"
-        mtp_layer = _layer_tensors(cfg, "full_attention", mtp_ffn, batch, seq, cap)
+        mtp_layer = _layer_tensors(cfg, options, "full_attention", cfg.mtp_ffn, batch, seq, cap)
         kept += cfg.mtp_num_hidden_layers * _tensor_bytes(mtp_layer, rules, mesh)
     # One layer being differentiated: its activations and their cotangents; logits, fp32 softmax and their grad.
-    return kept + 2 * working + logits * (jnp.dtype(cfg.dtype).itemsize + 8)
+    return kept + 2 * working + logits * (itemsize + 8)
 
 
-def cache_bytes(cfg: QwaxConfig, rules: Rules, mesh: AbstractMesh, batch: int, cache_len: int) -> int:
+def cache_bytes(cfg: QwaxConfig, options: RunOptions, rules: Rules, mesh: AbstractMesh, batch: int,
+                cache_len: int) -> int:
     """Per-device bytes of the inference cache: K and V [B, Nkv, cache_len, D] per attention layer (the MTP layer
-    included), GDN recurrent [B, Hv, dk, dv] float32 and conv [B, K, conv_dim] per linear-attention layer."""
-    dt = jnp.dtype(cfg.dtype).itemsize
+    included) in options.dtype, GDN recurrent [B, Hv, dk, dv] float32 and conv [B, K, conv_dim] per
+    linear-attention layer."""
+    dt = options.dtype.itemsize
     n_attn = sum(1 for t in cfg.layer_types if t == "full_attention") + cfg.mtp_num_hidden_layers
     n_gdn = sum(1 for t in cfg.layer_types if t == "linear_attention")
     kv = _shard_elems((batch, cfg.num_key_value_heads, cache_len, cfg.head_dim),
@@ -206,30 +211,38 @@ def cache_bytes(cfg: QwaxConfig, rules: Rules, mesh: AbstractMesh, batch: int, c
     return n_attn * 2 * kv + n_gdn * (rec + conv)
 
 
-def plan(cfg: QwaxConfig, mesh: str | dict | AbstractMesh, strategy: str | Rules = "fsdp", *, seq: int, batch: int,
-         mode: str = "train", cache_len: int | None = None, device: str = "v5p", num_devices: int | None = None,
-         rule_overrides: Any = None, capacity_factor: float | None = None) -> dict[str, Any]:
-    """The memory plan of `cfg` on `mesh` with `strategy`: the JSON object `qwax plan --json` prints.
+def plan(cfg: QwaxConfig, mesh: str | dict | AbstractMesh, strategy: str | Rules = "fsdp", *,
+         options: RunOptions | None = None, seq: int, batch: int, mode: str = "train", cache_len: int | None = None,
+         device: str = "v5p", num_devices: int | None = None, rule_overrides: Any = None,
+         capacity_factor: float | None = None) -> dict[str, Any]:
+    """The memory plan of `cfg` run with `options` on `mesh` with `strategy`: the JSON object `qwax plan --json`
+    prints.
 
-    Keys: params_total (published count: no MTP head), params_active, per_device_bytes {params, grads, optimizer,
-    activations, cache, total}, device_memory_bytes, fits, and details (mesh, strategy, remat, dtypes, MTP
-    parameters, per-device GiB, utilisation).
+    options: dtypes, remat, scan (None: RunOptions(), the model's defaults, float32; pass
+    RunOptions(dtype="bfloat16", param_dtype="bfloat16", remat="full") for a typical large run). seq, batch: the
+    sequence length and global batch (sequences). Keys: params_total (published count: no MTP head),
+    params_active, per_device_bytes {params, grads, optimizer, activations, cache, total}, device_memory_bytes,
+    fits, and details (mesh, strategy, remat, dtype names, MTP parameters, utilisation).
     """
+    if options is None:
+        options = RunOptions()
+    elif not isinstance(options, RunOptions):
+        raise TypeError(f"plan: options={options!r}: expected a qwax.RunOptions or None")
     if mode not in ("train", "infer"):
         raise ValueError(f"mode {mode!r}: expected 'train' or 'infer'")
     if device not in DEVICE_MEMORY_BYTES:
         raise ValueError(f"device {device!r}: expected one of {sorted(DEVICE_MEMORY_BYTES)}")
     amesh = mesh if isinstance(mesh, AbstractMesh) else abstract_mesh(mesh, num_devices)
     rules = get_rules(strategy, rule_overrides) if isinstance(strategy, str) or rule_overrides else strategy
-    params = abstract_params(cfg)
+    params = abstract_params(cfg, options)
     counts = param_bytes(params, rules, amesh)
     train = mode == "train"
     per_device = {
         "params": counts["params"],
         "grads": counts["grads"] if train else 0,
         "optimizer": counts["optimizer"] if train else 0,
-        "activations": activation_bytes(cfg, rules, amesh, batch, seq, mode, capacity_factor),
-        "cache": 0 if train else cache_bytes(cfg, rules, amesh, batch, cache_len or seq),
+        "activations": activation_bytes(cfg, options, rules, amesh, batch, seq, mode, capacity_factor),
+        "cache": 0 if train else cache_bytes(cfg, options, rules, amesh, batch, cache_len or seq),
     }
     per_device["total"] = sum(per_device.values())
     memory = DEVICE_MEMORY_BYTES[device]
@@ -246,7 +259,8 @@ def plan(cfg: QwaxConfig, mesh: str | dict | AbstractMesh, strategy: str | Rules
         "strategy": strategy if isinstance(strategy, str) else "custom",
         "mode": mode, "device": device, "batch": batch, "seq": seq,
         "cache_len": (cache_len or seq) if not train else 0,
-        "remat": cfg.remat, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+        "remat": options.remat, "scan_layers": options.uses_scan(cfg), "dtype": options.dtype.name,
+        "param_dtype": options.param_dtype.name,
         "capacity_factor": capacity_factor,
     }
 

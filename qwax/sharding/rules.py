@@ -6,7 +6,12 @@ Resolving a name for one array dim (`partition_spec`) keeps, in order, the table
   * exist in the mesh with size > 1,
   * are not already used by an earlier dim of the same array (a mesh axis shards at most one dim), and
   * still divide the dim (the longest such prefix is kept, e.g. 2 KV heads are not split over tensor=4).
-So one table serves every mesh, and the planner and the real placement always agree.
+So one table serves every mesh, and the planner and the real placement always agree. A mesh axis dropped because
+it does not divide the dim is logged once per process and case (logger "qwax.sharding", WARNING): the dim is then
+replicated over that axis.
+
+Building a model straight into its shards (`init_sharded`) lives in qwax.sharding.init: this module imports no
+model code, because the layers import it.
 
 Parameters of the scanned layer stack carry one extra leading dim (the layer-group axis) that is not in their
 `logical_axes`; it is named "layers" here and never sharded (no pipeline parallelism).
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -37,6 +43,11 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 from qwax.sharding.mesh import BATCH_AXES, MESH_AXES, mesh_sizes
 
 Rules = Mapping[str, tuple[str, ...]]
+
+logger = logging.getLogger("qwax.sharding")
+# (logical name, dim size, mesh axis, axis size) already reported by `partition_spec`: each is logged once per
+# process, however many parameters, layers or jit traces hit it.
+_REPORTED_DROPS: set[tuple[str, int, str, int]] = set()
 
 # Logical names used by the parameters (qwax/layers) and the extra leading dim of scanned stacks.
 PARAM_NAMES = ("layers", "vocab", "embed", "q_heads", "kv_heads", "heads", "mlp", "gdn_qkv", "gdn_heads", "conv",
@@ -133,6 +144,7 @@ def partition_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...],
             if size == 1 or axis in used:
                 continue
             if dim % (product * size):
+                _report_drop(name, dim, axis, size, tuple(chosen))
                 break
             chosen.append(axis)
             product *= size
@@ -141,6 +153,21 @@ def partition_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...],
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)
+
+
+def _report_drop(name: str, dim: int, axis: str, size: int, kept: tuple[str, ...]) -> None:
+    """Log (once per process and distinct case) that mesh axis `axis` does not divide a dim and is dropped.
+
+    WARNING, so that `qwax plan` and training runs show it without any logging setup: the dim is then replicated
+    over `axis`, which costs memory (e.g. 2 KV heads on tensor=4 are held whole by every tensor rank).
+    """
+    key = (name, int(dim), axis, int(size))
+    if key in _REPORTED_DROPS:
+        return
+    _REPORTED_DROPS.add(key)
+    sharded = f"sharded over {'x'.join(kept)} only" if kept else "not sharded"
+    logger.warning("sharding: logical axis %r of size %d is not divisible by mesh axis %r (size %d): that dim is "
+                   "%s (replicated over %r)", name, dim, axis, size, sharded, axis)
 
 
 def _is_variable(x: Any) -> bool:
@@ -260,26 +287,6 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, logical_sharding(logical_axes, x.shape, rules, mesh))
-
-
-def init_sharded(cfg: Any, mesh: Mesh, rules: Rules | str = "fsdp", seed: int = 0
-                 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """Build a QwaxForCausalLM directly into its shards: (graphdef, params, param shardings).
-
-    Initialisation runs under jit with the rules' out_shardings, so no device (or process) ever holds a full
-    copy; the values equal those of `QwaxForCausalLM(cfg, rngs=nnx.Rngs(seed))` on one device.
-    """
-    from qwax.model import QwaxForCausalLM
-
-    rules = get_rules(rules) if isinstance(rules, str) else rules
-
-    def build():
-        return nnx.split(QwaxForCausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
-
-    graphdef, abstract = nnx.eval_shape(build)
-    shardings = param_shardings(abstract, rules, mesh)
-    params = jax.jit(lambda: build()[1], out_shardings=shardings)()
-    return graphdef, params, shardings
 
 
 def _is_axes(x: Any) -> bool:

@@ -43,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a model from a recipe (default: tiny, on the embedded corpus)",
         description="Train a recipe. RECIPE is one of qwax.train.recipes.RECIPES (default: tiny); key=value "
-                    "items override recipe fields, model.FIELD=value model config fields "
-                    "(e.g. qwax train tiny steps=50 model.hidden_size=64).")
+                    "items override recipe fields, model.FIELD=value model config fields or run options, "
+                    "options.FIELD=value run options (qwax.RunOptions: dtype, param_dtype, remat, scan_layers, "
+                    "gdn_chunk_size, *_impl) (e.g. qwax train tiny steps=50 model.hidden_size=64 model.remat=full).")
     p.__class__ = _TrainParser
     p.add_argument("items", nargs="*", metavar="RECIPE | key=value", help="recipe name, then overrides")
     p.add_argument("--steps", type=int, default=None, help="train up to this many optimizer steps")

@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -29,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwax import data as qdata
 from qwax.config import QwaxConfig
 from qwax.model import QwaxForCausalLM
+from qwax.options import RunOptions
+from qwax.sharding.init import init_sharded
 from qwax.train.checkpoint import Checkpointer
 from qwax.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from qwax.train.optim import learning_rate_schedule, make_optimizer
@@ -87,20 +88,24 @@ def load_tokenizer_for(recipe: Recipe, workdir: str, train_docs: list[str]):
 
 def build_model(recipe: Recipe, vocab_size: int, eos: int, mesh: Mesh | None = None,
                 rules: Any = None) -> QwaxForCausalLM:
-    """The model of the recipe; with a mesh its parameters are built (or loaded) directly into their shards."""
+    """The model of the recipe, with its run options (`recipe.run_options()`, as `model.options`); with a mesh
+    its parameters are built (or loaded) directly into their shards."""
     if recipe.init_from:
         from qwax.convert.hf import load_hf
         placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
-        model = load_hf(recipe.init_from, **placement, **dict(recipe.model_overrides))
+        # load_hf takes the run options as keywords, beside the config overrides.
+        model = load_hf(recipe.init_from, **placement, **dict(recipe.options_overrides),
+                        **dict(recipe.model_overrides))
         if model.config.vocab_size < vocab_size:
             raise TrainingError(f"tokenizer has {vocab_size} tokens but the checkpoint {recipe.init_from!r} only "
                                 f"{model.config.vocab_size}")
         return model
     cfg = recipe.model_config(vocab_size).replace(eos_token_id=eos, pad_token_id=eos)
+    options = recipe.run_options()
     if mesh is None:
-        return QwaxForCausalLM(cfg, rngs=nnx.Rngs(recipe.seed))
-    from qwax.sharding import init_sharded
-    graphdef, params, _ = init_sharded(cfg, mesh, rules, recipe.seed)  # the same values as on one device
+        return QwaxForCausalLM(cfg, options, rngs=nnx.Rngs(recipe.seed))
+    # The same values as on one device.
+    graphdef, params, _ = init_sharded(cfg, mesh, rules, recipe.seed, options)
     return nnx.merge(graphdef, params)
 
 
@@ -217,6 +222,7 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
     # Model, optimizer, step functions.
     model = build_model(recipe, vocab, eos, mesh, rules)
     cfg: QwaxConfig = model.config
+    options: RunOptions = model.options
     graphdef, params = nnx.split(model)
     del model
     optimizer = make_optimizer(learning_rate=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
@@ -224,10 +230,11 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
                                weight_decay=recipe.weight_decay, b1=recipe.b1, b2=recipe.b2, eps=recipe.eps,
                                clip_norm=recipe.clip_norm)
     schedule = learning_rate_schedule(recipe.learning_rate, recipe.warmup_steps, recipe.steps, recipe.end_lr_ratio)
-    weights = LossWeights(router_aux_loss_coef=cfg.router_aux_loss_coef if cfg.num_experts else 0.0,
+    weights = LossWeights(router_aux_loss_coef=cfg.router_aux_loss_coef if cfg.has_moe else 0.0,
                           z_loss_coef=recipe.z_loss_coef,
                           mtp_loss_weight=recipe.mtp_loss_weight if cfg.mtp_num_hidden_layers else 0.0)
-    step_fn, eval_fn = make_train_step(graphdef, optimizer, weights, cfg.dtype), make_eval_step(graphdef, cfg.dtype)
+    step_fn = make_train_step(graphdef, optimizer, weights, options.dtype)
+    eval_fn = make_eval_step(graphdef, options.dtype)
     if mesh is None:
         opt_state = optimizer.init(params)
         train_step = jax.jit(step_fn, donate_argnums=(0, 1))
@@ -275,7 +282,7 @@ def train(recipe: Recipe, workdir: str, *, resume: bool = False, steps: int | No
         return loss, math.exp(min(loss, 50.0))
 
     tokens_per_step = recipe.grad_accum * recipe.batch_size * recipe.seq_len * pcount
-    fpt = flops_per_token(cfg, recipe.seq_len)
+    fpt = flops_per_token(cfg, recipe.seq_len, options=options)
     per_device, peak_source = (recipe.peak_flops, "the recipe's peak_flops") if recipe.peak_flops else peak_flops()
     peak = per_device * jax.device_count()
     n_params, n_active = cfg.param_count(include_mtp=True)

@@ -22,11 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from qwax.config import QwaxConfig
+from qwax.options import RunOptions
 from qwax.pallas_kernels.gated_delta_rule import default_chunk_size
 
 
-def flops_per_token(cfg: QwaxConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token of one forward (training=False) or forward+backward (training=True) pass."""
+def flops_per_token(cfg: QwaxConfig, seq_len: int, training: bool = True, *,
+                    options: RunOptions | None = None) -> float:
+    """Model FLOPs per token of one forward (training=False) or forward+backward (training=True) pass of
+    `seq_len`-token rows; `options` (None: RunOptions()) gives the GDN kernel and chunk size."""
+    opts = RunOptions() if options is None else options
     h = cfg.hidden_size
     attn_proj = h * cfg.num_attention_heads * cfg.head_dim * 2 + 2 * h * cfg.num_key_value_heads * cfg.head_dim \
         + cfg.num_attention_heads * cfg.head_dim * h
@@ -36,7 +40,7 @@ def flops_per_token(cfg: QwaxConfig, seq_len: int, training: bool = True) -> flo
         + 3 * h * cfg.shared_expert_intermediate_size + h
     dense = 3 * h * cfg.intermediate_size
     dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    c = cfg.gdn_chunk_size or default_chunk_size(cfg.gdn_impl)
+    c = opts.gdn_chunk_size or default_chunk_size(opts.gdn_impl)
     attn_seq = 2 * 2 * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
     gdn_seq = cfg.linear_num_value_heads * (3 * 2 * dk * dv + 2 * min(c, seq_len) * (3 * dk + 2 * dv))
     fwd = 2 * h * cfg.vocab_size  # LM head

@@ -1,8 +1,16 @@
 """Training recipes: a frozen `Recipe` dataclass and the named recipes `qwax train NAME` runs.
 
-A recipe fixes everything a run needs: the model (a preset plus field overrides), data, tokenizer, batch shape,
-optimizer, losses, checkpointing, logging and the device mesh. `qwax train NAME key=value ...` overrides any field;
-`model.FIELD=value` overrides a model config field (e.g. `model.hidden_size=256`, `model.remat=full`).
+A recipe fixes everything a run needs: the model (a preset plus config field overrides, and how it runs: dtypes,
+kernels, layer scan, remat), data, tokenizer, batch shape, optimizer, losses, checkpointing, logging and the device
+mesh. `qwax train NAME key=value ...` overrides any recipe field, and:
+
+  model.FIELD=value    a QwaxConfig field (`model_overrides`, e.g. `model.hidden_size=256`), or a RunOptions field
+                       (any of qwax.options.OPTION_NAMES: dtype, param_dtype, remat, scan_layers, gdn_chunk_size,
+                       the *_impl kernel choices), which goes to `options_overrides` (e.g. `model.remat=full`);
+  options.FIELD=value  a RunOptions field, explicitly (e.g. `options.scan_layers=false`,
+                       `options.gdn_chunk_size=none` for the per-backend default).
+
+`recipe.model_config()` is the QwaxConfig (what a checkpoint holds), `recipe.run_options()` the qwax.RunOptions.
 
 The recipes live in the package so that `qwax train tiny` works from an installed wheel; `recipes/` in the
 repository holds their documentation.
@@ -16,15 +24,21 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from qwax.config import QwaxConfig, get_preset
+from qwax.options import OPTION_NAMES, RunOptions
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """Everything a training run needs (see the field comments); `qwax train NAME key=value ...` overrides fields."""
+
     name: str
     # Model: a preset of qwax.config.PRESETS plus QwaxConfig field overrides. The vocabulary size follows the
     # tokenizer when the tokenizer is trained here (vocab_size below), else the preset's.
     preset: str = "tiny-moe"
     model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # How the model runs: qwax.RunOptions fields (dtype, param_dtype, remat, scan_layers, gdn_chunk_size, the
+    # *_impl kernel choices); unset ones keep the RunOptions defaults.
+    options_overrides: Mapping[str, Any] = field(default_factory=dict)
     init_from: str = ""  # an HF checkpoint directory to continue from (SFT / continued pretraining); "" = random
     # Data: files, directories or "default" (the embedded corpus); see qwax.data.sources.
     data: tuple[str, ...] = ("default",)
@@ -66,6 +80,21 @@ class Recipe:
     mesh: str = ""
     sharding_strategy: str = ""
 
+    def __post_init__(self) -> None:
+        misplaced = sorted(OPTION_NAMES & set(self.model_overrides))
+        if misplaced:
+            raise ValueError(f"recipe {self.name!r}: model_overrides {misplaced} are run options, not QwaxConfig "
+                             "fields: put them in options_overrides")
+        unknown = sorted(set(self.options_overrides) - OPTION_NAMES)
+        if unknown:
+            raise ValueError(f"recipe {self.name!r}: options_overrides {unknown} are not RunOptions fields; "
+                             f"expected some of {sorted(OPTION_NAMES)}")
+        self.run_options()  # invalid values fail here, naming the option
+
+    def run_options(self) -> RunOptions:
+        """The qwax.RunOptions of the run: RunOptions defaults with `options_overrides`."""
+        return RunOptions(**self.options_overrides)
+
     def model_config(self, vocab_size: int | None = None) -> QwaxConfig:
         """The model config: the preset with `model_overrides`, and `vocab_size` when given."""
         overrides = dict(self.model_overrides)
@@ -96,7 +125,7 @@ RECIPES: dict[str, Recipe] = {
     # init_from at the converted checkpoint and data at jsonl/parquet files; the checkpoint's tokenizer is used.
     "qwen3.5-0.8b": Recipe(
         name="qwen3.5-0.8b", preset="qwen3.5-0.8b",
-        model_overrides={"dtype": "bfloat16", "param_dtype": "float32", "remat": "dots_no_batch"},
+        options_overrides={"dtype": "bfloat16", "param_dtype": "float32", "remat": "dots_no_batch"},
         tokenizer="init_from", data=("default",), seq_len=4096, batch_size=8, grad_accum=4, steps=2000,
         learning_rate=2e-5, warmup_steps=100, end_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
         mtp_loss_weight=0.3, checkpoint_every=500, keep_checkpoints=3, eval_every=250, eval_batches=16,
@@ -104,7 +133,7 @@ RECIPES: dict[str, Recipe] = {
     # Qwen3.5-397B-A17B pretraining on a TPU pod (512 chips: fsdp 64 x expert 8). Global batch 1024 x 4096 tokens.
     "qwen3.5-397b-a17b": Recipe(
         name="qwen3.5-397b-a17b", preset="qwen3.5-397b-a17b",
-        model_overrides={"dtype": "bfloat16", "param_dtype": "float32", "remat": "full"},
+        options_overrides={"dtype": "bfloat16", "param_dtype": "float32", "remat": "full"},
         tokenizer="", vocab_size=248320, seq_len=4096, batch_size=2, grad_accum=1, steps=500_000,
         learning_rate=2e-4, warmup_steps=2000, end_lr_ratio=0.1, weight_decay=0.1, b2=0.95, clip_norm=1.0,
         z_loss_coef=1e-3, mtp_loss_weight=0.3, checkpoint_every=1000, keep_checkpoints=3, eval_every=1000,
@@ -133,46 +162,83 @@ def _parse_value(text: str, like: Any) -> Any:
     return text
 
 
+def _parse_option(name: str, text: str) -> Any:
+    """A RunOptions value from its command-line text (validated by RunOptions itself)."""
+    if name == "scan_layers":
+        return _parse_value(text, True)
+    if name == "gdn_chunk_size":
+        if text.lower() in ("none", "null", "auto", "default", ""):
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected a positive int, or none for the per-backend default; got {text!r}") from None
+    return text  # dtype, kernel (*_impl) and remat names
+
+
 def parse_model_override(item: str, base: Mapping[str, Any] | QwaxConfig | None = None) -> tuple[str, Any]:
-    """`model.FIELD=value` -> (FIELD, value), typed like `base`'s FIELD (a config, or a dict of config fields;
-    fields missing from a dict fall back to the QwaxConfig default)."""
+    """`model.FIELD=value` (a QwaxConfig or a RunOptions field) or `options.FIELD=value` (a RunOptions field) ->
+    (FIELD, value).
+
+    Config values are typed like `base`'s FIELD (a config, or a dict of fields; fields missing from a dict fall
+    back to the QwaxConfig default); run options by their RunOptions type. Route the pairs with
+    `qwax.options.split_overrides` (or `name in OPTION_NAMES`).
+    """
     key, sep, text = item.partition("=")
-    if not sep or not key.startswith("model."):
-        raise ValueError(f"override {item!r}: expected model.FIELD=value (e.g. model.hidden_size=256)")
-    name = key[len("model."):]
-    if name not in {f.name for f in dataclasses.fields(QwaxConfig)}:
-        raise ValueError(f"override {key!r}: QwaxConfig has no field {name!r}")
+    prefix, dot, name = key.partition(".")
+    if not sep or not dot or prefix not in ("model", "options"):
+        raise ValueError(f"override {item!r}: expected model.FIELD=value or options.FIELD=value "
+                         "(e.g. model.hidden_size=256, options.remat=full)")
+    config_fields = {f.name for f in dataclasses.fields(QwaxConfig)}
+    if name in OPTION_NAMES:
+        try:
+            return name, _parse_option(name, text)
+        except ValueError as e:
+            raise ValueError(f"override {key}={text!r}: {e}") from None
+    if prefix == "options":
+        raise ValueError(f"override {key!r}: RunOptions has no field {name!r}; fields: {sorted(OPTION_NAMES)}")
+    if name not in config_fields:
+        raise ValueError(f"override {key!r}: QwaxConfig has no field {name!r} (and RunOptions none of that name)")
     if isinstance(base, Mapping):
         like = base.get(name, getattr(QwaxConfig(), name))
     else:
         like = None if base is None else getattr(base, name)
-    return name, _parse_value(text, like)
+    try:
+        return name, _parse_value(text, like)
+    except ValueError as e:
+        raise ValueError(f"override {key}={text!r}: {e}") from None
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
-    """`key=value` strings applied to a recipe; `model.FIELD=value` set model config fields."""
+    """`key=value` strings applied to a recipe: recipe fields, `model.FIELD=value` (config fields, and run options
+    routed to options_overrides) and `options.FIELD=value` (run options)."""
     changes: dict[str, Any] = {}
     model = dict(recipe.model_overrides)
+    options = dict(recipe.options_overrides)
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     base_cfg = recipe.model_config() if not recipe.init_from else None
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value (e.g. steps=100 or model.hidden_size=256)")
         key, text = item.split("=", 1)
-        if key.startswith("model."):
+        if key.startswith(("model.", "options.")):
             name, value = parse_model_override(item, base_cfg)
-            model[name] = value
-        elif key in fields and key not in ("name", "model_overrides"):
+            (options if name in OPTION_NAMES else model)[name] = value
+        elif key in ("name", "model_overrides", "options_overrides"):
+            raise ValueError(f"override {key!r}: not settable on the command line; use model.FIELD=value for "
+                             "config fields and options.FIELD=value for run options (or name another recipe)")
+        elif key in fields:
             try:
                 changes[key] = _parse_value(text, getattr(recipe, key))
             except ValueError as e:
                 raise ValueError(f"override {key}={text!r}: {e}") from None
         else:
             raise ValueError(f"override {key!r}: Recipe has no field {key!r}; fields: {sorted(fields)}")
-    return dataclasses.replace(recipe, model_overrides=model, **changes)
+    return dataclasses.replace(recipe, model_overrides=model, options_overrides=options, **changes)
 
 
 def get_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    """The named recipe of RECIPES with `key=value` overrides (see `apply_overrides`)."""
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}; available: {sorted(RECIPES)}")
     return apply_overrides(RECIPES[name], list(overrides or []))

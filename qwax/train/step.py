@@ -9,8 +9,9 @@ Micro-batch gradients are summed inside the step with `lax.scan`, each already d
 whole accumulated batch, so accumulation gives the same gradient as one large batch.
 
 Parameters stay in their storage dtype (float32 master weights); inside the step the weight matrices are cast to
-the compute dtype (cfg.dtype) before the forward, so gradients flow back through the cast into float32.
-Rematerialisation follows cfg.remat (applied by the decoder around each scanned layer group or layer).
+the compute dtype (the model's `options.dtype`, passed as `compute_dtype`) before the forward, so gradients flow
+back through the cast into float32. Rematerialisation follows the model's `options.remat` (applied by the decoder
+around each scanned layer group or layer), which the graphdef carries.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class LossWeights:
     mtp_loss_weight: float = 0.0
 
 
-def cast_for_compute(params: Any, dtype: jnp.dtype) -> Any:
+def cast_for_compute(params: Any, dtype: Any) -> Any:
     """Weight matrices to the compute dtype; norms, A_log, dt_bias and other vectors stay float32."""
     dtype = jnp.dtype(dtype)
     mask = decay_mask(params)
@@ -84,8 +85,11 @@ def micro_batch_terms(model: nnx.Module, batch: dict, weights: LossWeights) -> d
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, weights: LossWeights,
-                    compute_dtype: str = "float32") -> Callable:
+                    compute_dtype: Any = "float32") -> Callable:
     """The pure step `(params, opt_state, batch, rng) -> (params, opt_state, metrics)` (not jitted).
+
+    compute_dtype: the dtype the weight matrices are cast to for the forward, normally the model's
+    `options.dtype` (any dtype-like).
 
     batch: dict of [A, B, L] arrays (A = gradient-accumulation micro-batches), see qwax.data.BATCH_KEYS.
     rng: reserved for stochastic layers (the model has none; dropout-free as the published models).
@@ -142,8 +146,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, compute_dtype: str = "float32") -> Callable:
-    """`(params, batch [B, L] arrays) -> (sum of weighted CE, sum of weights)`."""
+def make_eval_step(graphdef: nnx.GraphDef, compute_dtype: Any = "float32") -> Callable:
+    """`(params, batch [B, L] arrays) -> (sum of weighted CE, sum of weights)`; compute_dtype as in
+    make_train_step."""
 
     def eval_step(params, batch):
         model = nnx.merge(graphdef, cast_for_compute(params, compute_dtype))

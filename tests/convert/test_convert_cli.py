@@ -70,6 +70,7 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size("100") == 100
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("direction", ["hf-to-orbax", "orbax-to-hf"])
 def test_sigkill_during_conversion_leaves_no_partial_destination(direction, tmp_path_factory):

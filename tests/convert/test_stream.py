@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -59,8 +60,9 @@ def test_scanned_and_unscanned_layouts_round_trip_exactly_and_the_recorded_layou
     stream.convert_hf_to_orbax(src, tmp_path / "unscanned", scan_layers=False)
     assert json.loads((tmp_path / "scanned" / "qwax.json").read_text())["scan_layers"] is True
     assert json.loads((tmp_path / "unscanned" / "qwax.json").read_text())["scan_layers"] is False
-    assert stream.load_orbax(tmp_path / "scanned").config.uses_scan
-    assert not stream.load_orbax(tmp_path / "unscanned").config.uses_scan
+    scanned, unscanned = stream.load_orbax(tmp_path / "scanned"), stream.load_orbax(tmp_path / "unscanned")
+    assert scanned.options.uses_scan(scanned.config)
+    assert not unscanned.options.uses_scan(unscanned.config)
 
     for scan in (True, False):
         expected = _params(qwax.load_hf(src, scan_layers=scan))
@@ -89,8 +91,9 @@ def test_dtype_casts_everything_but_float32_A_log_and_gdn_norm(hf_checkpoint, tm
             want = a.get(key) if pinned else a.get(key).astype(b.dtype(key))
             assert want.tobytes() == b.get(key).tobytes(), key
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
-    model = stream.load_orbax(tmp_path / "orbax")
-    assert model.config.param_dtype == "bfloat16"
+    model = stream.load_orbax(tmp_path / "orbax")  # dtype "auto": what the checkpoint stores
+    assert model.options.param_dtype == np.dtype(jnp.bfloat16) and model.options.dtype == np.dtype(jnp.bfloat16)
+    assert stream.load_orbax(tmp_path / "orbax", dtype=np.float32).options.param_dtype == np.float32
 
 
 def test_hf_to_hf_reshards_and_changes_the_expert_layout_exactly(hf_checkpoint, tmp_path):

@@ -1,4 +1,5 @@
-"""Attention over a KV cache (qwax.layers.attention.attend_cache) against softmax attention in numpy.
+"""Attention over a KV cache (the attention op's attend_cache, and the layer's KVCache) against softmax attention
+in numpy.
 
 The model-level tests use caches of one block; these cover many blocks, a last block that overlaps the one
 before it (capacity not a multiple of the block), padding slots, rows with no visible key, stacked caches, and
@@ -12,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwax.layers import attention
-from qwax.layers.attention import KV_BLOCK, KV_BLOCK_SCORES, KVCache, attend_cache, kv_block_size, write_kv
+import qwax
+from qwax.layers.attention import KVCache, attend_cache, write_kv
+from qwax.pallas_kernels.attention import xla
+from qwax.pallas_kernels.attention.xla import KV_BLOCK, KV_BLOCK_SCORES, kv_block_size
 
 B, NQ, NKV, D, T = 2, 4, 2, 8, 200
 
@@ -37,6 +40,11 @@ def numpy_attention(q, k, v, valid, index):
     return out.reshape(b, l, nq * d)
 
 
+def empty_cache(lead=()):
+    cfg = qwax.get_preset("tiny-next", num_key_value_heads=NKV, head_dim=D)
+    return KVCache.empty(cfg, qwax.RunOptions(dtype="float32"), B, T, lead)
+
+
 def case(seed, l, index):
     rng = np.random.default_rng(seed)
     k, v = rng.standard_normal((2, B, T, NKV, D)).astype(np.float32)
@@ -50,7 +58,7 @@ def case(seed, l, index):
 @pytest.mark.parametrize("l, index, block", [(1, 150, 64), (1, 199, 48), (37, 120, 32), (5, 0, 256)])
 def test_blocked_cache_attention_matches_softmax(l, index, block):
     q, k, v, valid = case(l + index, l, index)
-    cache = write_kv(KVCache.empty(B, T, NKV, D, jnp.float32), jnp.asarray(k), jnp.asarray(v), 0, None)
+    cache = write_kv(empty_cache(), jnp.asarray(k), jnp.asarray(v), 0, None)
     got = jax.jit(attend_cache, static_argnames="block")(jnp.asarray(q), cache, jnp.asarray(valid),
                                                          jnp.int32(index), block=block)
     np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, valid, index), atol=1e-5)
@@ -60,11 +68,11 @@ def test_blocked_cache_attention_matches_softmax(l, index, block):
 def test_default_read_matches_softmax(l, index, monkeypatch):
     """block=None: one pass over the cache when it is at least half full (index + L >= T / 2), else blocks."""
     calls = []
-    step = attention._online_softmax_step
-    monkeypatch.setattr(attention, "_online_softmax_step", lambda *a: calls.append(a[1].shape[-1]) or step(*a))
-    monkeypatch.setattr(attention, "KV_BLOCK", 64)  # several blocks when the blocked form runs
+    step = xla._online_softmax_step
+    monkeypatch.setattr(xla, "_online_softmax_step", lambda *a: calls.append(a[1].shape[-1]) or step(*a))
+    monkeypatch.setattr(xla, "KV_BLOCK", 64)  # several blocks when the blocked form runs
     q, k, v, valid = case(l + index, l, index)
-    cache = write_kv(KVCache.empty(B, T, NKV, D, jnp.float32), jnp.asarray(k), jnp.asarray(v), 0, None)
+    cache = write_kv(empty_cache(), jnp.asarray(k), jnp.asarray(v), 0, None)
     got = jax.jit(lambda *a: attend_cache(*a))(jnp.asarray(q), cache, jnp.asarray(valid), jnp.int32(index))
     np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, valid, index), atol=1e-5)
     assert sorted(calls) == [64, T]  # both forms are traced: lax.cond picks one at run time
@@ -72,7 +80,7 @@ def test_default_read_matches_softmax(l, index, monkeypatch):
 
 def test_stacked_cache_reads_its_own_group():
     q, k, v, valid = case(3, 4, 90)
-    stacked = KVCache.empty(B, T, NKV, D, jnp.float32, lead=(3,))
+    stacked = empty_cache(lead=(3,))
     for g in range(3):  # group g holds (k, v) scaled by g + 1
         stacked = write_kv(stacked, jnp.asarray(k) * (g + 1), jnp.asarray(v) * (g + 1), 0, jnp.int32(g))
     fn = jax.jit(attend_cache, static_argnames="block")
@@ -89,3 +97,14 @@ def test_block_size_bounds_the_scores_of_long_chunks():
     for queries, groups in ((64, 4), (256, 2), (1024, 2)):
         block = kv_block_size(queries, groups, 1 << 20)
         assert block * queries * groups <= KV_BLOCK_SCORES < 2 * block * queries * groups, (queries, groups)
+
+
+def test_kv_cache_holds_the_op_layout_and_names_its_axes():
+    cache = empty_cache()
+    assert cache.k.shape == (B, NKV, D, T) and cache.v.shape == (B, NKV, T, D)
+    assert cache.logical_axes() == KVCache(k=("cache_batch", "cache_kv_heads", None, "cache_len"),
+                                           v=("cache_batch", "cache_kv_heads", "cache_len", None))
+    stacked = empty_cache(lead=(3,))
+    assert stacked.k.shape == (3, B, NKV, D, T)
+    assert stacked.logical_axes().v == ("layers", "cache_batch", "cache_kv_heads", "cache_len", None)
+    assert stacked.rollback(4, 2) is stacked

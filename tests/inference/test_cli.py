@@ -30,6 +30,7 @@ def checkpoint(hf_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_generate_streams_text_and_reports_speed(checkpoint, capsys):
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "the quick", "--max-new-tokens", "8"]) == 0
     captured = capsys.readouterr()
@@ -52,3 +53,14 @@ def test_prompt_longer_than_the_maximum(checkpoint, capsys):
     prompt = " ".join(["the quick brown fox"] * 200)
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", prompt]) == 2
     assert "exceeds the model's maximum length 512" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sampling_follows_the_seed(checkpoint, capsys):
+    args = ["generate", "--checkpoint", str(checkpoint), "--prompt", "the quick", "--max-new-tokens", "8",
+            "--temperature", "1.0"]
+    outputs = []
+    for seed in ("3", "3", "4"):
+        assert main(args + ["--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]

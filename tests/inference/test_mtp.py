@@ -91,6 +91,7 @@ def _torch_mtp_logits(hf_model, mtp, ids):
         return hf_model.lm_head(norms["norm"](x)).numpy()
 
 
+@pytest.mark.slow
 def test_mtp_logits_match_an_independent_torch_head(mtp_checkpoint):
     src, hf_model, mtp = mtp_checkpoint
     model = qwax.load_hf(src)
@@ -100,6 +101,7 @@ def test_mtp_logits_match_an_independent_torch_head(mtp_checkpoint):
     np.testing.assert_allclose(ours, _torch_mtp_logits(hf_model, mtp, ids), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_speculative_decoding_equals_plain_greedy(mtp_checkpoint, batch):
     model = qwax.load_hf(mtp_checkpoint[0])
@@ -115,6 +117,7 @@ def test_speculative_decoding_equals_plain_greedy(mtp_checkpoint, batch):
     assert stats["drafts"] > 0  # a random head is mostly rejected: every rejection rolled the state back
 
 
+@pytest.mark.slow
 def test_accepted_drafts_and_rejections_mix_exactly(mtp_checkpoint, monkeypatch):
     """An oracle drafter that is right on every other draft exercises acceptance and rollback alternately."""
     model = qwax.load_hf(mtp_checkpoint[0])
@@ -134,3 +137,38 @@ def test_accepted_drafts_and_rejections_mix_exactly(mtp_checkpoint, monkeypatch)
     np.testing.assert_array_equal(fast, plain)
     np.testing.assert_array_equal(fast_stats, plain)
     assert 0 < stats["accepted"] < stats["drafts"]
+
+
+@pytest.mark.slow
+def test_speculative_decoding_honours_stop_tokens_and_streaming(mtp_checkpoint, monkeypatch):
+    """With stop ids, a pad id and a stream, the speculative path emits exactly what the plain greedy path does,
+    through accepted pairs and rollbacks alike."""
+    model = qwax.load_hf(mtp_checkpoint[0])
+    ids = random_ids(2, 20, seed=31)
+    plain = qwax.generate(model, ids, max_new_tokens=16)
+    calls = []
+
+    def oracle(mtp_logits, generated):
+        calls.append(generated)
+        right = plain[:, 20 + generated]
+        return right if len(calls) % 2 else (right + 1) % model.config.vocab_size
+
+    monkeypatch.setattr(speculative, "_draft_tokens", oracle)
+    eos = [int(plain[0, 20 + 4]), int(plain[1, 20 + 7])]
+    kw = dict(max_new_tokens=16, eos_token_id=eos, pad_token_id=5)
+    want_columns, got_columns = [], []
+    want = qwax.generate(model, ids, stream=want_columns.append, **kw)
+    # seed is accepted: greedy decoding draws nothing, so it cannot change the tokens (as on the plain path).
+    got = qwax.generate(model, ids, stream=got_columns.append, speculative="mtp", seed=123, **kw)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.stack(got_columns, 1), np.stack(want_columns, 1))
+    assert want.shape[1] < 20 + 16  # both rows stopped early
+    assert calls  # the oracle drafted
+
+
+def test_speculative_decoding_of_zero_tokens_returns_the_prompt(mtp_checkpoint):
+    model = qwax.load_hf(mtp_checkpoint[0])
+    ids = random_ids(1, 9, seed=32)
+    stats = {}
+    np.testing.assert_array_equal(speculative.generate_mtp(model, ids, max_new_tokens=0, stats=stats), ids)
+    assert stats["drafts"] == 0

@@ -1,35 +1,40 @@
-"""`dense` (every Linear and the tied LM head) and its hand-written VJP against numpy, for narrow outputs and for
-the wide ones (>= 2048) whose kernel gradient takes the transposed-buffer path on the CPU."""
+"""The Linear layer: the linear op (tests/pallas_kernels/test_linear.py) in the compute dtype, with the impl the
+run options name; forward and reverse mode through the layer's parameters."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from flax import nnx
 
-from qwax.layers.common import dense
+import qwax
+from qwax.layers.common import Linear
 
-
-@pytest.mark.parametrize("out_features", [24, 2048])
-def test_values_and_gradients_match_numpy(out_features):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 5, 16))
-    w = rng.standard_normal((16, out_features))
-    cot = rng.standard_normal((2, 5, out_features))  # a non-uniform cotangent: loss = sum(cot * dense(x, w))
-
-    y = dense(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-    np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-5, atol=1e-4)
-
-    loss = lambda x, w: jnp.sum(jnp.asarray(cot, jnp.float32) * dense(x, w))
-    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-    np.testing.assert_allclose(np.asarray(dx), cot @ w.T, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(dw), np.einsum("bti,bto->io", x, cot), rtol=1e-5, atol=1e-4)
+CFG = qwax.get_preset("tiny-dense")
 
 
-def test_low_precision_gradients_keep_the_input_dtypes():
-    x = jnp.ones((3, 8), jnp.bfloat16)
-    w = jnp.ones((8, 4), jnp.bfloat16)
-    dx, dw = jax.grad(lambda x, w: jnp.sum(dense(x, w).astype(jnp.float32)), argnums=(0, 1))(x, w)
-    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(dw, np.float32), np.full((8, 4), 3.0))
+def make(opts: qwax.RunOptions, out_features: int = 24) -> Linear:
+    return Linear(16, out_features, ("embed", "mlp"), cfg=CFG, opts=opts, rngs=nnx.Rngs(0))
+
+
+def test_computes_in_the_compute_dtype_from_stored_params():
+    layer = make(qwax.RunOptions(dtype="bfloat16", param_dtype="float32"))
+    x = jnp.ones((2, 3, 16), jnp.float32)
+    y = layer(x)
+    assert layer.kernel[...].dtype == jnp.float32 and y.dtype == jnp.bfloat16
+    want = x.astype(jnp.bfloat16) @ layer.kernel[...].astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+
+
+def test_impls_from_run_options_agree_in_both_autodiff_modes():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16)), jnp.float32)
+    results = []
+    for impl in ("xla", "reference"):
+        graphdef, params = nnx.split(make(qwax.RunOptions(linear_impl=impl), out_features=2048))
+        f = lambda p: jnp.sin(nnx.merge(graphdef, p)(x))
+        _, tangent = jax.jvp(f, (params,), (jax.tree.map(jnp.ones_like, params),))
+        grad = jax.grad(lambda p: jnp.sum(f(p)))(params)
+        results.append((f(params), tangent, grad["kernel"][...]))
+    for got, want in zip(*results):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

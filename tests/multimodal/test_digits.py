@@ -15,11 +15,13 @@ def test_a_short_digits_run_lowers_the_loss_and_captions_held_out_images():
     def log(line):
         losses.append(float(line.split("loss")[1].split()[0]))
 
-    model, test, _ = digits.train(digits.DigitsRecipe(steps=51, batch_size=32), log=log)
+    # 200 steps (a few seconds after the compile): measured 0.925 exact captions on these 80 held-out images
+    # (seed 1: 0.91); 51 steps reach only ~0.18, chance is 0.1 (ten digits).
+    model, test, _ = digits.train(digits.DigitsRecipe(steps=200, batch_size=32), log=log)
     assert losses[-1] < 0.5 * losses[0]
     pixels, labels = test
-    accuracy = digits.evaluate(model, (pixels[:40], labels[:40]))
-    assert 0.0 <= accuracy <= 1.0
+    accuracy = digits.evaluate(model, (pixels[:80], labels[:80]))
+    assert accuracy >= 0.6, accuracy
 
 
 def test_caption_tokens_round_trip():

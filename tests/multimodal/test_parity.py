@@ -38,6 +38,7 @@ def _compare(hf, ours, ids, mask=None, **vision):
     assert err <= TOL, f"max |qwax - transformers| = {err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_one_image_logits_match_transformers(model_type, mm_checkpoint):
     _, hf, ours = mm_checkpoint(model_type)

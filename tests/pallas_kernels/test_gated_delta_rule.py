@@ -137,6 +137,48 @@ def test_xla_gradients_match_reference(with_segments, chunk_size):
         assert rel <= 1e-4, f"d/d{name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("with_segments, chunk_size", [(False, 64), (True, 32)])
+def test_xla_jvp_matches_reference(with_segments, chunk_size):
+    """Forward mode (jax.jvp) through the chunked path: the custom JVP runs the scan form's JVP."""
+    length = 100
+    primals = make_inputs(12, length)
+    primals[3][:, 40:43] = -80.0  # decays that underflow exp: tangents must stay finite
+    seg = np.repeat([[0, 1, 2, 3], [4, 4, 5, 6]], [30, 20, 45, 5], axis=1).astype(np.int32) if with_segments else None
+    rng = np.random.default_rng(2)
+    tangents = tuple(rng.standard_normal(x.shape).astype(np.float32) for x in primals)
+
+    def jvp(impl):
+        def f(*args):
+            return gated_delta_rule(*args[:5], initial_state=args[5], segment_ids=seg, chunk_size=chunk_size, impl=impl)
+
+        return jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
+
+    (o, s), (do, ds) = jvp("xla")
+    (o_ref, s_ref), (do_ref, ds_ref) = jvp("reference")
+    assert max_abs(o, o_ref) <= 1e-5 and max_abs(s, s_ref) <= 1e-5
+    for name, got, expected in (("o", do, do_ref), ("final_state", ds, ds_ref)):
+        assert bool(jnp.all(jnp.isfinite(got))), name
+        rel = max_abs(got, expected) / float(jnp.max(jnp.abs(expected)))
+        assert rel <= 1e-4, f"tangent of {name}: relative error {rel:.2e}"
+
+
+def test_unit_lower_inverse_gradient_is_strictly_lower():
+    """The JVP rule dT = -T dM T transposes to -T^T T_bar T^T over the whole matrix; the strictly-lower mask the
+    caller builds M with must restrict it to where M lives (what the former hand-written VJP did itself)."""
+    from qwax.pallas_kernels.gated_delta_rule.xla import _unit_lower_inverse
+
+    rng = np.random.default_rng(3)
+    c = 16
+    lower = np.tril(np.ones((c, c), bool), -1)
+    a = rng.standard_normal((3, c, c)).astype(np.float32) * 0.3
+    w = rng.standard_normal((3, c, c)).astype(np.float32)
+    m_bar = jax.grad(lambda a: jnp.sum(_unit_lower_inverse(jnp.where(lower, a, 0.0)) * w))(a)
+    t = np.linalg.inv(np.eye(c) + np.where(lower, a, 0.0).astype(np.float64))
+    t_h = np.swapaxes(t, -1, -2)
+    expected = np.tril(-(t_h @ w @ t_h), -1)
+    assert max_abs(m_bar, expected) <= 1e-5 * float(np.max(np.abs(expected)))
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_segments_equal_separate_runs(impl):
     lengths = [[37, 64, 1, 98], [150, 50]]
@@ -231,5 +273,5 @@ def test_step_bad_shapes_raise_naming_the_argument():
 
 
 def test_unknown_impl_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match="reference.*xla"):
+    with pytest.raises(ValueError, match=r"impl=.cuda.*.xla.*.reference."):
         gated_delta_rule(*make_inputs(0, 4)[:5], impl="cuda")

@@ -172,6 +172,7 @@ def test_low_precision_inputs_keep_float32_state():
 
 @pytest.mark.parametrize("backend, platform, dtype", [("tpu", "tpu", jnp.float32), ("gpu", "cuda", jnp.float32),
                                                      ("gpu", "cuda", jnp.bfloat16)])
+@pytest.mark.slow
 def test_kernels_lower_for_the_real_backend(backend, platform, dtype):
     """Forward, gradient and decode at real head sizes (dk = dv = 128, C = 64) lower for TPU / CUDA (for the GPU
     kernels also with bf16 q, k, v: their single-part operands).
@@ -229,7 +230,7 @@ def test_tiny_model_pallas_matches_xla():
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
     results = {}
     for impl in ("xla", "pallas"):
-        graphdef, params = nnx.split(qwax.QwaxForCausalLM(cfg.replace(gdn_impl=impl), rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(qwax.QwaxForCausalLM(cfg, qwax.RunOptions(gdn_impl=impl), rngs=nnx.Rngs(0)))
 
         def loss(params):
             logits = qwax.forward(graphdef, params, ids).logits

@@ -22,7 +22,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from qwax.pallas_kernels import moe
 from qwax.pallas_kernels.moe import gpu, reference, tpu, xla
-from qwax.pallas_kernels.moe.common import pallas_takes, resolve_impl
+from qwax.pallas_kernels.dispatch import resolve_impl
+from qwax.pallas_kernels.moe.common import pallas_takes
 from qwax.pallas_kernels.moe.grouped_matmul import make_config
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -371,7 +372,7 @@ def test_bad_impl_names_allowed_values(gmm_operands):
 def test_impl_and_interpret_resolution():
     """auto -> xla on the CPU; Pallas interprets on the CPU unless told interpret=False (for jax.export)."""
     if jax.default_backend() == "cpu":
-        assert resolve_impl("auto", (jnp.bfloat16,)) == "xla"
+        assert resolve_impl("moe", "auto") == "xla"
         assert make_config("pallas", backend="gpu").interpret is True
         assert make_config("pallas", backend="tpu", interpret=False).interpret is False
     # Which dtypes "auto" sends to each Pallas family (off the CPU); other dtypes get "xla" (ragged_dot).

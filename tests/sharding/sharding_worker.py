@@ -29,9 +29,15 @@ def tiny_config(**overrides):
     import qwax
     # (GDN, attention) x 2 scanned groups: stacked parameters with a leading layer axis, every layer kind, and
     # the smallest program that has them (compile time dominates these tests).
-    kw = dict(num_hidden_layers=4, full_attention_interval=2, moe_impl="reference", gdn_impl="reference")
+    kw = dict(num_hidden_layers=4, full_attention_interval=2)
     kw.update(overrides)
     return qwax.get_preset("tiny-moe", **kw)
+
+
+def tiny_options(**overrides):
+    """Run options of the test model: the reference kernels (plain jnp, cheap to compile on the CPU)."""
+    import qwax
+    return qwax.RunOptions(**{"moe_impl": "reference", "gdn_impl": "reference", **overrides})
 
 
 def batch_ids(cfg, batch: int = 8, length: int = 16, seed: int = 0):
@@ -53,16 +59,17 @@ def loss_fn(graphdef, cfg):
     return loss
 
 
-def sharded_train_setup(cfg, spec: str, strategy: str, seed: int = 0):
+def sharded_train_setup(cfg, options, spec: str, strategy: str, seed: int = 0):
     """Mesh, rules, sharded params and AdamW state, and a jitted train step with explicit in/out shardings."""
     import jax
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from qwax import sharding
+    from qwax.sharding.init import init_sharded
 
     mesh = sharding.make_mesh(spec)
     rules = sharding.get_rules(strategy)
-    graphdef, params, shardings = sharding.init_sharded(cfg, mesh, rules, seed)
+    graphdef, params, shardings = init_sharded(cfg, mesh, rules, seed, options)
     tx = optax.adamw(1e-2)
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_shardings = sharding.follow_params(opt_abstract, params, shardings, mesh)
@@ -106,10 +113,11 @@ def strategies(result: dict) -> None:
     from jax.sharding import NamedSharding, PartitionSpec as P
     import qwax
     from qwax import sharding
+    from qwax.sharding.init import init_sharded
 
-    cfg = tiny_config()
+    cfg, options = tiny_config(), tiny_options()
     ids = batch_ids(cfg)
-    graphdef, params = nnx.split(qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    graphdef, params = nnx.split(qwax.QwaxForCausalLM(cfg, options, rngs=nnx.Rngs(0)), nnx.Param)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(graphdef, cfg)))(
         *jax.device_put((params, ids), jax.devices()[0]))
     ref_grads = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(ref_grads)}
@@ -143,7 +151,7 @@ def strategies(result: dict) -> None:
             "shards": shards, "grad_specs": grad_shards, "seconds": time.time() - t0}
     # Initialising straight into the shards gives the single-device values.
     mesh = sharding.make_mesh(STRATEGY_MESHES["fsdp_ep_tp"])
-    _, sharded, shardings = sharding.init_sharded(cfg, mesh, "fsdp_ep_tp", 0)
+    _, sharded, shardings = init_sharded(cfg, mesh, "fsdp_ep_tp", 0, options)
     result["init_sharded"] = {
         "max_abs_err": max(float(np.max(np.abs(np.asarray(v.get_value()) - ref_params[path])))
                            for path, v in nnx.to_flat_state(sharded)),
@@ -169,12 +177,12 @@ def resident(result: dict) -> None:
     for strategy, param_dtype in (("fsdp", "float32"), ("fsdp_ep_tp", "float32"), ("fsdp_ep_tp", "bfloat16")):
         spec = STRATEGY_MESHES[strategy]
         mesh = sharding.make_mesh(spec)
-        cfg = tiny_config(param_dtype=param_dtype)
+        cfg, options = tiny_config(), tiny_options(param_dtype=param_dtype)
         if param_dtype == "float32":
             params = result.pop(f"params/{strategy}")
             master = params
         else:
-            _, host = nnx.split(qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+            _, host = nnx.split(qwax.QwaxForCausalLM(cfg, options, rngs=nnx.Rngs(0)), nnx.Param)
             params = jax.device_put(host, sharding.param_shardings(host, sharding.get_rules(strategy), mesh))
             master = jax.tree.map(lambda a: a.astype(jnp.float32), params)  # elementwise: keeps the sharding
         shardings = jax.tree.map(lambda a: a.sharding, master)
@@ -182,7 +190,7 @@ def resident(result: dict) -> None:
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(master)
         real_opt = resident_bytes(opt_state, device) + (resident_bytes(master, device) if master is not params
                                                          else 0)
-        p = planner.plan(cfg, spec, strategy, seq=16, batch=8, device="cpu")
+        p = planner.plan(cfg, spec, strategy, options=options, seq=16, batch=8, device="cpu")
         result[f"resident/{strategy}/{param_dtype}"] = {
             "params": resident_bytes(params, device), "optimizer": real_opt,
             "plan_params": p["per_device_bytes"]["params"], "plan_optimizer": p["per_device_bytes"]["optimizer"]}
@@ -250,16 +258,59 @@ def job_eight_devices() -> None:
     report(result)
 
 
+# A hidden size no other activation of the test model has ([B, L, 48] is then always a hidden state), and a
+# batch and length that differ from every head or width count.
+ACT_HIDDEN, ACT_BATCH, ACT_LENGTH = 48, 4, 8
+ACT_MESH, ACT_STRATEGY = "fsdp=2,tensor=4", "fsdp_tp"
+
+
+def sharding_constraints(module_text: str) -> list[dict]:
+    """Every `sdy.sharding_constraint` of a lowered (Shardy) module: its per-dim mesh axes and tensor type,
+    e.g. {"sharding": '[{"fsdp"}, {}, {}]', "type": "4x8x48xf32"}."""
+    import re
+    pattern = re.compile(r"sdy\.sharding_constraint %\S+ <@\w+, (\[.*?\])> : tensor<([^>]*)>")
+    return [{"sharding": m.group(1), "type": m.group(2)} for m in pattern.finditer(module_text)]
+
+
+def job_activation_shardings() -> None:
+    """The activation constraints of the forward under use_sharding(mesh, "fsdp_tp") on fsdp=2 x tensor=4: the
+    sharding constraints in the lowered module (scanned and unrolled layers) and the compiled logits sharding."""
+    setup_devices(8)
+    import jax
+    import qwax
+    from qwax import sharding
+    from qwax.sharding.init import init_sharded
+
+    jax.config.update("jax_use_shardy_partitioner", True)  # constraints print with mesh axis names
+    cfg = tiny_config(hidden_size=ACT_HIDDEN)
+    ids = batch_ids(cfg, ACT_BATCH, ACT_LENGTH)
+    mesh = sharding.make_mesh(ACT_MESH)
+    rules = sharding.get_rules(ACT_STRATEGY)
+    ids_sharding = sharding.logical_sharding(("batch", "length"), ids.shape, rules, mesh)
+    result: dict = {"layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size}
+    for scan in (True, False):
+        options = tiny_options(scan_layers=scan)
+        graphdef, params, shardings = init_sharded(cfg, mesh, rules, 0, options)
+        forward = jax.jit(lambda p, x, g=graphdef: qwax.forward(g, p, x).logits,
+                          in_shardings=(shardings, ids_sharding))
+        with sharding.use_sharding(mesh, rules):
+            lowered = forward.lower(params, jax.device_put(ids, ids_sharding))
+            entry = {"scanned": options.uses_scan(cfg), "constraints": sharding_constraints(lowered.as_text())}
+            if scan:
+                spec = lowered.compile().output_shardings.spec
+                entry["logits_spec"] = [list(a) if isinstance(a, tuple) else a for a in spec]
+        result["scan" if scan else "unrolled"] = entry
+    report(result)
+
+
 MULTIHOST_SPEC, MULTIHOST_STRATEGY = "fsdp=4,expert=2", "fsdp_ep"
 
 
-def two_steps(cfg, local_rows=None):
+def two_steps(cfg, options):
     """Losses of two train steps (the second after one AdamW update) on the multihost mesh, and the setup."""
-    import jax
-    import numpy as np
     from qwax.sharding import multihost
 
-    setup = sharded_train_setup(cfg, MULTIHOST_SPEC, MULTIHOST_STRATEGY)
+    setup = sharded_train_setup(cfg, options, MULTIHOST_SPEC, MULTIHOST_STRATEGY)
     ids = batch_ids(cfg)
     rows = multihost.process_rows(setup["ids_sharding"], ids.shape[0], ids.shape[1:])
     batch = multihost.global_array(ids[rows], setup["ids_sharding"], ids.shape)
@@ -282,8 +333,7 @@ def job_multihost(process_id: str, num_processes: str, port: str, checkpoint_dir
     from qwax.sharding import multihost
 
     multihost.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id))
-    cfg = tiny_config()
-    losses, params, setup, rows = two_steps(cfg)
+    losses, params, setup, rows = two_steps(tiny_config(), tiny_options())
     multihost.save_checkpoint(checkpoint_dir, params)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     restored = multihost.restore_checkpoint(checkpoint_dir, abstract, setup["shardings"])
@@ -303,7 +353,7 @@ def job_single_process_reference() -> None:
     """The multihost job's train steps in one process with 8 devices."""
     setup_devices(8)
     import jax
-    losses, _, _, rows = two_steps(tiny_config())
+    losses, _, _, rows = two_steps(tiny_config(), tiny_options())
     report({"losses": losses, "devices": jax.device_count(), "rows": rows.tolist()})
 
 

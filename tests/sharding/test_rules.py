@@ -1,5 +1,7 @@
 """Rule tables: logical names -> PartitionSpecs, and the sharded train step of every strategy on 8 devices."""
 
+import logging
+
 import jax
 import optax
 import pytest
@@ -8,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import qwax
 from qwax.sharding import STRATEGIES, abstract_mesh, follow_params, get_rules, param_shardings, partition_spec
+from qwax.sharding import rules as rules_module
 
 MESH = abstract_mesh("data=2,fsdp=2,expert=2,tensor=2")
 
@@ -39,6 +42,33 @@ def test_a_mesh_axis_shards_one_dim_only_and_only_when_it_divides():
 def test_axes_of_size_one_are_dropped():
     mesh = abstract_mesh("fsdp=8")
     assert partition_spec(("embed", "mlp"), (64, 32), get_rules("fsdp_ep_tp"), mesh) == P("fsdp")
+
+
+def test_a_dropped_mesh_axis_is_logged_once_per_case(caplog, monkeypatch):
+    monkeypatch.setattr(rules_module, "_REPORTED_DROPS", set())  # other tests of this process may have logged
+    rules = get_rules("fsdp_ep_tp")
+    mesh = abstract_mesh("fsdp=2,tensor=4")
+    with caplog.at_level(logging.WARNING, logger="qwax.sharding"):
+        for _ in range(3):  # e.g. every layer's k_proj: one message
+            assert partition_spec(("embed", "kv_heads"), (64, 2), rules, mesh) == P("fsdp")
+        assert partition_spec(("embed", "kv_heads"), (64, 8), rules, mesh) == P("fsdp", "tensor")  # divides
+        assert partition_spec(("embed", "kv_heads"), (64, 6), rules, mesh) == P("fsdp")  # another size
+        # fsdp_ep_tp's embed is fsdp + expert: 6 rows keep fsdp=2 and drop expert=2.
+        assert partition_spec(("embed",), (6,), rules, MESH) == P("fsdp")
+    records = [r for r in caplog.records if r.name == "qwax.sharding"]
+    assert [r.levelno for r in records] == [logging.WARNING] * 3
+    messages = [r.getMessage() for r in records]
+    assert "'kv_heads' of size 2" in messages[0] and "mesh axis 'tensor' (size 4)" in messages[0]
+    assert "not sharded" in messages[0]
+    assert "'kv_heads' of size 6" in messages[1]
+    assert "'embed' of size 6" in messages[2] and "mesh axis 'expert' (size 2)" in messages[2]
+    assert "sharded over fsdp only" in messages[2]
+    # An axis taken by an earlier dim, or of size 1, is not a divisibility problem: nothing is logged.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qwax.sharding"):
+        partition_spec(("experts", "embed"), (8, 64), rules, MESH)
+        partition_spec(("embed", "kv_heads"), (64, 3), rules, abstract_mesh("fsdp=8"))
+    assert not [r for r in caplog.records if r.name == "qwax.sharding"]
 
 
 def test_overrides_replace_entries_and_unknown_axes_are_rejected():
@@ -121,7 +151,7 @@ def test_inference_cache_is_sharded_over_batch_and_heads():
     from qwax.sharding import tree_shardings
 
     cfg = qwax.get_preset("tiny-moe", num_hidden_layers=8)
-    cache = jax.eval_shape(lambda: init_cache(cfg, batch=4, max_len=32))
+    cache = jax.eval_shape(lambda: init_cache(cfg, qwax.RunOptions(), 4, 32))
     mesh = abstract_mesh("data=2,fsdp=2,tensor=2")
     shardings = tree_shardings(cache, cache_logical_axes(cache), "fsdp_tp", mesh)
     for layer, layer_shardings in zip(cache.layers, shardings.layers):

@@ -3,17 +3,22 @@ NaN stop, workdir protection, HF export that transformers loads with the same gr
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qwax
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_helpers import logged_losses, run_train, subprocess_env, train_command  # noqa: E402
+from train_helpers import TEST_OVERRIDES, logged_losses, run_train, subprocess_env, train_command  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +93,69 @@ def test_cli_takes_recipe_options_and_overrides_in_any_order():
         get_recipe("tiny", ["model.nope=1"])
 
 
-def test_named_recipes_build_valid_model_configs():
+def test_named_recipes_build_valid_model_configs_and_run_options():
     from qwax.train.recipes import RECIPES
     for name, recipe in RECIPES.items():
         if not recipe.init_from:
             cfg = recipe.model_config()
             assert cfg.vocab_size > 0, name
-    big = RECIPES["qwen3.5-397b-a17b"].model_config()
-    assert big.num_experts == 512 and RECIPES["qwen3.5-397b-a17b"].mesh == "data=1,fsdp=64,expert=8,tensor=1"
+        assert isinstance(recipe.run_options(), qwax.RunOptions), name
+    big = RECIPES["qwen3.5-397b-a17b"]
+    assert big.model_config().num_experts == 512 and big.mesh == "data=1,fsdp=64,expert=8,tensor=1"
+    opts = big.run_options()
+    assert (opts.dtype, opts.param_dtype, opts.remat) == (np.dtype(jnp.bfloat16), np.dtype("float32"), "full")
+    assert RECIPES["tiny"].run_options() == qwax.RunOptions()
+
+
+def test_run_option_overrides_go_to_the_run_options_not_the_config():
+    from qwax.train.recipes import get_recipe
+    recipe = get_recipe("tiny", ["model.remat=full", "model.dtype=bf16", "options.scan_layers=false",
+                                 "options.gdn_chunk_size=32", "model.hidden_size=64"])
+    assert dict(recipe.options_overrides) == {"remat": "full", "dtype": "bf16", "scan_layers": False,
+                                              "gdn_chunk_size": 32}
+    assert "remat" not in recipe.model_overrides and recipe.model_overrides["hidden_size"] == 64
+    opts = recipe.run_options()
+    assert (opts.remat, opts.dtype, opts.scan_layers, opts.gdn_chunk_size) == ("full", np.dtype(jnp.bfloat16),
+                                                                               False, 32)
+    assert recipe.model_config().hidden_size == 64
+    assert get_recipe("tiny", ["options.gdn_chunk_size=none"]).run_options().gdn_chunk_size is None
+    # The recipe written to the workdir keeps them apart too.
+    assert json.loads(recipe.to_json())["options_overrides"]["remat"] == "full"
+
+
+@pytest.mark.parametrize("items, message", [
+    (["model.remat=sometimes"], "remat='sometimes'"),
+    (["options.dtype=int8"], "dtype='int8'"),
+    (["options.hidden_size=64"], "RunOptions has no field 'hidden_size'"),
+    (["options.scan_layers=maybe"], "expected a boolean"),
+    (["options.gdn_chunk_size=big"], "gdn_chunk_size"),
+    (["model.hidden_size=wide"], "model.hidden_size='wide'"),
+    (["model_overrides=x"], "'model_overrides': not settable on the command line"),
+])
+def test_bad_overrides_name_the_field_and_the_expected_value(items, message):
+    from qwax.train.recipes import get_recipe
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_recipe("tiny", items)
+
+
+def test_a_recipe_rejects_run_options_among_its_config_overrides():
+    from qwax.train.recipes import Recipe
+    with pytest.raises(ValueError, match=r"\['remat'\] are run options.*options_overrides"):
+        Recipe(name="bad", model_overrides={"hidden_size": 64, "remat": "full"})
+    with pytest.raises(ValueError, match="not RunOptions fields"):
+        Recipe(name="bad", options_overrides={"hidden_size": 64})
+
+
+def test_build_model_uses_the_recipe_run_options():
+    from qwax.train.loop import build_model
+    from qwax.train.recipes import get_recipe
+    model_items = [item for item in TEST_OVERRIDES if item.startswith("model.")]  # a small model
+    recipe = get_recipe("tiny", [*model_items, "model.dtype=bfloat16", "model.param_dtype=float32",
+                                 "options.remat=dots"])
+    model = build_model(recipe, 256, eos=0)
+    assert model.options == recipe.run_options()
+    assert model.options.remat == "dots" and model.embed_tokens[...].dtype == jnp.float32
+    assert model.config.vocab_size == 256 and model.config.eos_token_id == 0
 
 
 def _export_tensors(hf_dir: str) -> dict[str, np.ndarray]:

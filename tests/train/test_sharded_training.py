@@ -15,6 +15,9 @@ import sys
 import numpy as np
 import pytest
 
+# Multi-device training runs in subprocesses: the slow tier.
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (mesh, strategy): data + fsdp + Megatron tensor parallelism; and expert parallelism (all_to_all) with tensor.
 MESHES = (("data=2,fsdp=2,tensor=2", "fsdp_tp"), ("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp"))
@@ -115,6 +118,7 @@ def sharded_runs(tmp_path_factory) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(MESHES)), ids=[m[1] for m in MESHES])
 def test_sharded_losses_equal_the_single_device_losses(sharded_runs, index):
     single = sharded_runs["runs"]["single"]["losses"]

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import qwax
+from qwax.options import split_overrides
 from qwax.train.optim import decay_mask, make_optimizer, param_names
 from qwax.train.step import LossWeights, make_eval_step, make_train_step
 
@@ -19,9 +20,12 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, full_attention_interval=2, num
 
 
 def small_model(preset: str = "tiny-moe", **kw) -> qwax.QwaxForCausalLM:
+    """A small model of `preset`; `kw` are config fields and run options (e.g. dtype, scan_layers)."""
     extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                  shared_expert_intermediate_size=32) if preset == "tiny-moe" else dict(intermediate_size=64)
-    return qwax.QwaxForCausalLM(qwax.get_preset(preset, **{**SMALL, **extra, **kw}), rngs=nnx.Rngs(0))
+    config_kw, option_kw = split_overrides(kw)
+    return qwax.QwaxForCausalLM(qwax.get_preset(preset, **{**SMALL, **extra, **config_kw}),
+                                qwax.RunOptions(**option_kw), rngs=nnx.Rngs(0))
 
 
 def row_batch(docs: list[np.ndarray], length: int) -> dict:
@@ -39,6 +43,7 @@ def row_batch(docs: list[np.ndarray], length: int) -> dict:
             "weights": weights[None]}
 
 
+@pytest.mark.slow
 def test_packed_batch_loss_equals_token_weighted_loss_of_documents_run_one_by_one():
     model = small_model()
     graphdef, params = nnx.split(model)
@@ -54,6 +59,7 @@ def test_packed_batch_loss_equals_token_weighted_loss_of_documents_run_one_by_on
     np.testing.assert_allclose(float(packed_sum) / float(packed_n), alone_sum / alone_n, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_is_mean_cross_entropy_over_weighted_tokens():
     model = small_model("tiny-dense")
     graphdef, params = nnx.split(model)
@@ -76,6 +82,7 @@ def _batch(rng, a, b, length, vocab=64) -> dict:
             "weights": rng.integers(0, 2, (a, b, length)).astype(np.float32)}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_large_batch():
     graphdef, params = nnx.split(small_model("tiny-dense"))
     opt = optax.sgd(1.0)  # the update is the gradient itself (Adam's first step would amplify float noise)
@@ -90,6 +97,7 @@ def test_gradient_accumulation_equals_one_large_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss():
     graphdef, params = nnx.split(small_model())
     opt = make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=30)
@@ -105,16 +113,19 @@ def test_short_training_lowers_the_loss():
     assert float(m["aux_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights():
-    graphdef, params = nnx.split(small_model(dtype="bfloat16", param_dtype="float32"))
+    model = small_model(dtype="bfloat16", param_dtype="float32")
+    graphdef, params = nnx.split(model)
     opt = make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10)
-    step = jax.jit(make_train_step(graphdef, opt, LossWeights(0.001), "bfloat16"))
+    step = jax.jit(make_train_step(graphdef, opt, LossWeights(0.001), model.options.dtype))
     new, _, m = step(params, opt.init(params), _batch(np.random.default_rng(0), 1, 2, 16), jax.random.key(0))
     assert np.isfinite(float(m["loss"]))
     assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype("float32")}
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
 
 
+@pytest.mark.slow
 def test_mtp_loss_trains_the_mtp_head():
     graphdef, params = nnx.split(small_model("tiny-dense", mtp_num_hidden_layers=1))
     opt = make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=10)
@@ -142,6 +153,7 @@ def test_training_with_the_mtp_loss_lowers_the_main_and_the_mtp_loss():
     assert mtp[-1] < mtp[0] - 1.0, mtp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_weight_decay_mask_skips_norms_biases_A_log_and_dt_bias(scan):
     model = small_model(num_hidden_layers=4, full_attention_interval=2, scan_layers=scan, mtp_num_hidden_layers=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import numpy as np
 from flax import nnx
 
@@ -9,6 +10,7 @@ import qwax
 from qwax.train.step import LossWeights, micro_batch_terms
 
 
+@pytest.mark.slow
 def test_router_z_loss_matches_a_numpy_computation_and_skips_padding():
     cfg = qwax.get_preset("tiny-moe")
     model = qwax.QwaxForCausalLM(cfg, rngs=nnx.Rngs(0))

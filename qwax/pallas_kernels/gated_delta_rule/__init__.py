@@ -5,7 +5,7 @@ Implementations:
   "xla":       chunked form in plain JAX (xla.py); stores one state per chunk for autodiff.
   "pallas":    chunked Pallas kernels with a custom VJP (pallas.py; TPU kernels in tpu.py with their per-chunk math
                in chunk_math.py, Hopper Mosaic GPU kernels in gpu.py). On the CPU they run in interpret mode (slow: tests only).
-  "auto":      "pallas" on TPU and Hopper GPUs, "xla" elsewhere (the CPU, other GPUs).
+  "auto":      "pallas" on TPU and Hopper GPUs, "xla" elsewhere (the CPU, other GPUs): `dispatch.resolve_impl`.
 
 gated_delta_rule_step is the single-token decode step (the same recurrence, one token); it has a Pallas kernel
 too (decode.py; "pallas"/"auto" as above; "xla" and "reference" both mean the jnp step).
@@ -17,14 +17,15 @@ from typing import Any
 
 import jax
 
+from qwax.pallas_kernels.dispatch import op_impls, resolve_impl
 from qwax.pallas_kernels.gated_delta_rule.pallas import gated_delta_rule_pallas, gated_delta_rule_step_pallas
 from qwax.pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference, recurrent_step
 from qwax.pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
-from qwax.pallas_kernels.platform import pallas_platform
+from qwax.pallas_kernels.platform import current_platform
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "default_chunk_size", "IMPLS"]
 
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = op_impls("gated_delta_rule")
 
 # Chunk length C when the caller gives none, per (implementation, platform). The Pallas kernels' natural block is
 # 64 (a [64, 64] intra-chunk matrix is one MXU pass on TPU and one warpgroup-matmul tile on Hopper). On the CPU
@@ -35,25 +36,13 @@ _DEFAULT_CHUNK = {("xla", "cpu"): 32}
 _ACCELERATOR_CHUNK = 64
 
 
-def _resolve_impl(impl: str, platform: str | None = None) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, found {impl!r}")
-    if impl == "auto":
-        # Pallas does not compile for the CPU (interpret mode only, orders of magnitude slower), and the GPU
-        # kernels need Hopper.
-        if platform is None:
-            return "pallas" if pallas_platform() else "xla"
-        return "pallas" if platform in ("tpu", "gpu") else "xla"
-    return impl
-
-
 def default_chunk_size(impl: str = "auto", platform: str | None = None) -> int:
     """The chunk length `gated_delta_rule` uses when `chunk_size` is None.
 
-    impl: one of IMPLS; platform: "cpu" | "gpu" | "tpu", default `jax.default_backend()`.
+    impl: one of IMPLS; platform: "cpu" | "gpu" | "tpu", default the current devices' platform.
     """
-    platform = platform or jax.default_backend()
-    return _DEFAULT_CHUNK.get((_resolve_impl(impl, platform), platform), _ACCELERATOR_CHUNK)
+    resolved = resolve_impl("gated_delta_rule", impl, platform)
+    return _DEFAULT_CHUNK.get((resolved, platform or current_platform()), _ACCELERATOR_CHUNK)
 
 
 def _check_shape(name: str, x: jax.Array, expected: tuple[int, ...], meaning: str) -> None:
@@ -133,7 +122,7 @@ def gated_delta_rule(
         chunk_size = default_chunk_size(impl)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, found {chunk_size!r}")
-    impl = _resolve_impl(impl)
+    impl = resolve_impl("gated_delta_rule", impl)
     if impl == "pallas" and chunk_size % 8:
         raise ValueError(f"chunk_size must be a multiple of 8 (TPU sublanes) for impl='pallas', found {chunk_size}")
     kwargs = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
@@ -172,7 +161,7 @@ def gated_delta_rule_step(
       (o [B, Hv, dv] in v.dtype, new_state [B, Hv, dk, dv] float32).
     """
     _validate_heads(q, k, v, g, beta, state, "B", "state")
-    if _resolve_impl(impl) == "pallas":
+    if resolve_impl("gated_delta_rule", impl) == "pallas":
         return gated_delta_rule_step_pallas(q, k, v, g, beta, state, scale=scale, backend=backend,
                                             interpret=interpret)
     return recurrent_step(q, k, v, g, beta, state, scale=scale)

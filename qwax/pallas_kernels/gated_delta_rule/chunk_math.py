@@ -7,7 +7,7 @@ compare/select, shifts, exp and reductions along one axis. In particular there i
 from `unit_lower_inverse`, matmuls only), no transpose of a value (transposed products are dot_general
 contractions) and no cumulative sum: the cumulative log decays arrive precomputed.
 
-Notation (as xla.py, ARCHITECTURE.md §4.5), for C positions i, j of one chunk, start state S [dk, dv]:
+Notation (as xla.py; docs/model.md, Gated DeltaNet, the chunked form), for C positions i, j of one chunk, start state S [dk, dv]:
 
   G        cumulative log decay in the chunk (input, precomputed by the wrapper)
   D_ij     = exp(G_i - G_j) if j <= i and i, j are in the same segment, else 0

@@ -1,6 +1,6 @@
 """Per-token gated delta rule: the oracle every faster implementation is tested against.
 
-Notation (ARCHITECTURE.md §4.4). For one (batch, value head) the state is S in R^{dk x dv} and for each token t:
+Notation (docs/model.md, Gated DeltaNet). For one (batch, value head) the state is S in R^{dk x dv} and for each token t:
 
     S   <- exp(g_t) * S                        decay first
     u_t  = beta_t * (v_t - S^T k_t)            delta against the already-decayed state

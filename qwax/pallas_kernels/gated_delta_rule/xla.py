@@ -30,8 +30,8 @@ How the work is split (measured on a 2-core CPU, see benchmarks/bench_gated_delt
 - Autodiff stores one [dk, dv] state per chunk (the scan body is rematerialised), never one per token as
   the per-token scan does.
 - The forward alone (prefill, evaluation) overwrites each chunk of beta * V with that chunk's outputs instead
-  of scanning into a fresh output buffer, in a loop unrolled by `_CHUNK_UNROLL` chunks. A custom VJP sends
-  differentiation to the scan form.
+  of scanning into a fresh output buffer, in a loop unrolled by `_CHUNK_UNROLL` chunks. A custom JVP sends
+  differentiation (forward and reverse mode) to the scan form.
 - The [C, C]-sized work (T, Q K^T, applying T) grows with C while the state work does not: on the CPU,
   chunk_size=32 is the default there (`default_chunk_size`).
 """
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 _CHUNK_UNROLL = 8
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _unit_lower_inverse(m: jax.Array) -> jax.Array:
     """(I + M)^-1 for strictly lower-triangular M [..., C, C], batched over the leading axes.
 
@@ -67,40 +67,33 @@ def _unit_lower_inverse(m: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, c, row, jnp.zeros_like(m))
 
 
-def _unit_lower_inverse_fwd(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+@_unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    # dT = -T dM T instead of differentiating the row loop. Reverse mode transposes it to M_bar = -T^T T_bar T^T;
+    # the caller builds M with a strictly-lower mask, whose transpose keeps only that part of M_bar. Written with
+    # T^T as the operand and dM negated first, the transpose is what the former hand-written VJP ran: plain
+    # matmuls reading one materialised T^T, then the negation fused with the mask. Written as -(T dM T), XLA got
+    # transposed-operand dots and a separate negation pass, ~5% slower forward+backward at C=32 on the CPU.
+    (m,), (dm,) = primals, tangents
     t = _unit_lower_inverse(m)
-    return t, t
-
-
-def _unit_lower_inverse_bwd(t: jax.Array, t_bar: jax.Array) -> tuple[jax.Array]:
-    # dT = -T dM T, so M_bar = -T^T T_bar T^T, restricted to the strictly lower part where M lives.
     t_h = jnp.swapaxes(t, -1, -2)
-    return (jnp.tril(-(t_h @ t_bar @ t_h), -1),)
+    t_dm = jnp.einsum("...ji,...jk->...ik", t_h, -dm)  # T (-dM)
+    return t, jnp.einsum("...ik,...lk->...il", t_dm, t_h)  # T (-dM) T
 
 
-_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _share_across_value_heads(x: jax.Array, r: int) -> jax.Array:
     """[..., Hk, C, C] -> [..., Hk, r, C, C]: a key-head quantity used by each of its r value heads."""
     return jnp.broadcast_to(x[..., None, :, :], (*x.shape[:-2], r, *x.shape[-2:]))
 
 
-def _share_across_value_heads_fwd(x: jax.Array, r: int) -> tuple[jax.Array, None]:
-    return _share_across_value_heads(x, r), None
-
-
-def _share_across_value_heads_bwd(r: int, _: None, y_bar: jax.Array) -> tuple[jax.Array]:
-    # The gradient sums over the r value heads. Written as r - 1 adds because XLA's CPU reduce over a short
-    # middle axis (what autodiff of the broadcast emits) was measured ~30x slower than this.
-    x_bar = y_bar[..., 0, :, :]
-    for i in range(1, r):
-        x_bar = x_bar + y_bar[..., i, :, :]
-    return (x_bar,)
-
-
-_share_across_value_heads.defvjp(_share_across_value_heads_fwd, _share_across_value_heads_bwd)
+@_share_across_value_heads.defjvp
+def _share_across_value_heads_jvp(r, primals, tangents):
+    # The tangent is stacked, not broadcast: the transpose of a stack (reverse mode) sums the r slices with
+    # r - 1 adds, where that of a broadcast is a reduce over the short middle axis, which XLA's CPU ran ~30x
+    # slower. The primal stays a broadcast, which its consumers fuse.
+    (x,), (dx,) = primals, tangents
+    return _share_across_value_heads(x, r), jnp.stack([dx] * r, axis=-3)
 
 
 def _segment_masks(
@@ -255,23 +248,20 @@ def _chunked_loop(q, k, v, g, beta, initial_state, segment_ids, scale: float, c:
     return o.astype(out_dtype), jnp.swapaxes(s_final, -1, -2).reshape(b, hv, dk, dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8))
 def _chunked(q, k, v, g, beta, initial_state, segment_ids, scale: float, c: int):
-    """The forward alone runs the in-place loop: a scan would zero-fill a fresh [L, Hv, dv] output buffer and
-    write every chunk into it, ~10% of the forward at L=4096 on the CPU. Differentiation runs the scan, whose
-    autodiff needs beta * V intact and stores one state per chunk."""
+    """The primal alone runs the in-place loop: a scan would zero-fill a fresh [L, Hv, dv] output buffer and
+    write every chunk into it, ~10% of the forward at L=4096 on the CPU. Differentiation (forward mode, and
+    reverse mode, which transposes this JVP) runs the scan, whose autodiff needs beta * V intact and stores one
+    state per chunk."""
     return _chunked_loop(q, k, v, g, beta, initial_state, segment_ids, scale, c, in_place=True)
 
 
-def _chunked_fwd(q, k, v, g, beta, initial_state, segment_ids, scale, c):
+@_chunked.defjvp
+def _chunked_jvp(scale, c, primals, tangents):
+    *floats, segment_ids = primals  # segment_ids are integers: their tangent (float0) is dropped
+
     def scanned(*args):
         return _chunked_loop(*args, segment_ids, scale, c, in_place=False)
 
-    return jax.vjp(scanned, q, k, v, g, beta, initial_state)  # (outputs, pullback: a pytree of residuals)
-
-
-def _chunked_bwd(scale, c, pullback, cotangents):
-    return (*pullback(cotangents), None)  # segment_ids are integers: no cotangent
-
-
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+    return jax.jvp(scanned, tuple(floats), tuple(tangents[:6]))

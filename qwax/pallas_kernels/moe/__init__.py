@@ -19,7 +19,10 @@ Implementations (``impl=``):
   qwax's Hopper Mosaic GPU kernels (``gpu.py``; bf16 / f16, one dtype). On the CPU they run in interpret
   mode (slow: tests only).
 * ``"auto"`` -- "pallas" on TPU and on Hopper GPUs when the kernels take the operand dtypes (else
-  "xla": e.g. float32 on a GPU, or a non-Hopper GPU), "xla" on the CPU.
+  "xla": e.g. float32 on a GPU, or a non-Hopper GPU), "xla" on the CPU (``dispatch.resolve_impl``).
+
+The MoE layer calls ``sharded.sharded_routed_experts``, which adds expert parallelism when the active mesh
+shards the experts.
 
 What was verified, and where (no TPU or GPU was available): both Pallas families were run in interpret
 mode on the CPU (TPU: ``pltpu.InterpretParams()``; GPU: ``plgpu.InterpretGPUParams()``) against the

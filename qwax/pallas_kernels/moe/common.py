@@ -1,4 +1,4 @@
-"""Argument checking and implementation selection shared by the MoE ops.
+"""Argument checking and kernel-family selection shared by the MoE ops.
 
 Kept separate from ``__init__`` so that the backend modules (``xla``, ``tpu``, ``gpu``) can use the
 same helpers without importing the public module (which imports them).
@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwax.pallas_kernels.platform import pallas_platform
+from qwax.pallas_kernels.dispatch import op_impls
 
 Impl = Literal["auto", "pallas", "xla", "reference"]
-IMPLS: tuple[str, ...] = ("auto", "pallas", "xla", "reference")
+IMPLS: tuple[str, ...] = op_impls("moe")
 Backend = Literal["tpu", "gpu"]
 BACKENDS: tuple[str, ...] = ("tpu", "gpu")
 
@@ -42,22 +42,6 @@ def pallas_takes(backend: str, dtypes: tuple[jnp.dtype, ...]) -> bool:
     """Whether the ``backend`` Pallas kernels take operands of these dtypes (the GPU ones: one dtype)."""
     dts = {jnp.dtype(d) for d in dtypes}
     return dts <= set(PALLAS_DTYPES[backend]) and (backend != "gpu" or len(dts) <= 1)
-
-
-def resolve_impl(impl: str, dtypes: tuple[jnp.dtype, ...] = ()) -> str:
-    """Map ``impl`` to one of "pallas", "xla", "reference".
-
-    "auto" picks Pallas kernels on TPU, and on Hopper GPUs, when they take the operand ``dtypes``
-    (:func:`pallas_takes`; e.g. float32 on a GPU gets "xla", i.e. ``ragged_dot``); otherwise "xla", the
-    fast XLA path on the CPU (Pallas does not compile for the CPU: it only runs there in interpret mode,
-    which is orders of magnitude slower) and ``ragged_dot`` on other GPUs.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
-    if impl == "auto":
-        platform = pallas_platform()
-        return "pallas" if platform and pallas_takes(platform, dtypes) else "xla"
-    return impl
 
 
 def resolve_backend(backend: str | None) -> str:

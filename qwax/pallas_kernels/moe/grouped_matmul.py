@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qwax.pallas_kernels.dispatch import resolve_impl
 from qwax.pallas_kernels.moe import gpu as gpu_lib
 from qwax.pallas_kernels.moe import reference as reference_lib
 from qwax.pallas_kernels.moe import routing as routing_lib
@@ -34,9 +35,9 @@ from qwax.pallas_kernels.moe.common import (
     check_gmm_args,
     check_pallas_dtypes,
     check_tgmm_args,
+    pallas_takes,
     resolve_backend,
     resolve_group_offset,
-    resolve_impl,
     resolve_interpret,
 )
 
@@ -155,7 +156,8 @@ def make_config(
     take, and an explicit "pallas" with other dtypes is an error naming them.
     """
     operands = operands or {}
-    impl = resolve_impl(impl, tuple(a.dtype for a in operands.values()))
+    dtypes = tuple(a.dtype for a in operands.values())
+    impl = resolve_impl("moe", impl, pallas_takes=lambda family: pallas_takes(family, dtypes))
     if impl == "pallas":
         backend = resolve_backend(backend)
         check_pallas_dtypes(backend, **operands)
