@@ -41,6 +41,12 @@ Stream = Callable[[np.ndarray], None]
 # ------------------------------------------------------------------ request checks
 
 
+def check_int(name: str, value: Any, minimum: int, alternatives: str = "") -> None:
+    """Raise ValueError naming `name` unless `value` is an int (a Python or numpy integer, not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{alternatives}, got {value!r}")
+
+
 def check_prompt(cfg: QwaxConfig, input_ids: Any, attention_mask: Any, max_new_tokens: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Validate a prompt for a text model of config `cfg`; returns (ids [B, L], mask [B, L]), both int32."""
@@ -50,8 +56,7 @@ def check_prompt(cfg: QwaxConfig, input_ids: Any, attention_mask: Any, max_new_t
     mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 0)
     if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"maximum length max_position_embeddings={cfg.max_position_embeddings}")
@@ -69,8 +74,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
     if not real(temperature) or not temperature >= 0.0:
         raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_k is not None:
+        check_int("top_k", top_k, 1, " or None")
     if top_p is not None and not (real(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
@@ -86,9 +91,7 @@ def stop_tokens(cfg: QwaxConfig, eos_token_id: int | Sequence[int] | None, pad_t
 
 def prefill_chunk_length(prompt_length: int, prefill_chunk_size: int) -> int:
     """The prefill's chunk length: `prefill_chunk_size`, or the prompt length rounded up to CHUNK_ALIGN if shorter."""
-    if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, (int, np.integer)) \
-            or prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be an int >= 1, got {prefill_chunk_size!r}")
+    check_int("prefill_chunk_size", prefill_chunk_size, 1)
     return int(min(prefill_chunk_size, -(-prompt_length // CHUNK_ALIGN) * CHUNK_ALIGN))
 
 
@@ -226,8 +229,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, input_ids: 
     if positions is not None and positions.shape not in ((b, l), (3, b, l)):
         raise ValueError(f"position_ids must be [batch, length] or [3, batch, length] with [batch, length] = "
                          f"{(b, l)}, got shape {positions.shape}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, 1)
     padded = -(-l // chunk_size) * chunk_size
     start = int(cache.index)  # a write past the last slot would be clamped by dynamic_update_slice, not raise
     if start + padded > cache.max_len:
