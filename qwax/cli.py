@@ -1,4 +1,4 @@
-"""`qwax` command line: `qwax train | generate | convert | plan | bench ...`.
+"""`qwax` command line: `qwax train | generate | chat | serve | convert | plan ...`.
 
 Each subcommand lives beside the code it drives and registers itself through a `register(subparsers)` function
 that adds its parser and sets `func`; this file only wires them up, so adding a command touches one line here.
@@ -18,6 +18,8 @@ SUBCOMMANDS = (
     ("qwax.inference.cli", "generate text from a checkpoint"),
     ("qwax.convert.cli", "convert checkpoints between Hugging Face and orbax"),
     ("qwax.sharding.cli", "plan memory of a model on a device mesh"),
+    ("qwax.serve.cli", "serve a checkpoint over the OpenAI API"),
+    ("qwax.serve.chat", "chat with a checkpoint in the terminal"),
 )
 
 

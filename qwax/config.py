@@ -9,11 +9,11 @@ from it; how a model runs (dtypes, kernels, scan, remat) is `qwax.options.RunOpt
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from qwax.json_files import read_json_object
 from qwax.options import OPTION_NAMES
 
 MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -243,11 +243,7 @@ class QwaxConfig:
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no config.json at {path}")
-            with open(path) as f:
-                try:
-                    cfg = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            cfg = read_json_object(path, ConfigError)
         model_type = cfg.get("model_type")
         top = cfg
         if model_type in _MULTIMODAL_TYPES:

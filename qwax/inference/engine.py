@@ -29,13 +29,13 @@ from jax.sharding import Mesh
 from qwax.config import QwaxConfig
 from qwax.graph_jit import jit_with_graph
 from qwax.inference.cache import CACHE_BUCKET, Cache, cache_logical_axes, init_cache
-from qwax.inference.sampling import sample
+from qwax.inference.sampling import RowSettings, SamplingParams, choose, initial_state
 from qwax.model import QwaxForCausalLM, check_token_ids
 from qwax.sharding.rules import Rules, get_rules, logical_sharding, param_shardings, tree_shardings, use_sharding
 
 CHUNK_ALIGN = 16  # a short prompt's chunk is its length rounded up to this, so nearby lengths share compilations
 
-Stream = Callable[[np.ndarray], None]
+Stream = Callable[[np.ndarray], Any]
 
 
 # ------------------------------------------------------------------ request checks
@@ -65,19 +65,6 @@ def check_prompt(cfg: QwaxConfig, input_ids: Any, attention_mask: Any, max_new_t
                          "must be 1)")
     check_token_ids(ids[mask > 0], cfg.vocab_size)
     return ids.astype(np.int32), mask
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError naming the argument when temperature < 0, top_k < 1 or top_p outside (0, 1]."""
-    def real(x: Any) -> bool:
-        return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-    if not real(temperature) or not temperature >= 0.0:
-        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None:
-        check_int("top_k", top_k, 1, " or None")
-    if top_p is not None and not (real(top_p) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
 def stop_tokens(cfg: QwaxConfig, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None
@@ -119,45 +106,81 @@ def as_key(seed: int | jax.Array) -> jax.Array:
 class Request:
     """A checked generation request.
 
-    ids, mask [B, L] int32 (left-padded prompts); max_new_tokens; chunk: prefill chunk length; max_len: cache
-    slots; eos [n] int32 stop ids; pad: the id of finished rows; temperature / top_k / top_p as `sample`; key: the
-    PRNG key of the first sampling step; stream(tokens [B]) called with each new column, or None.
+    ids, mask [B, L] int32 (left-padded prompts); limits [B]: each row's most new tokens (max_new_tokens is the
+    largest); chunk: prefill chunk length; max_len: cache slots; eos [n] int32 stop ids; pad: the id of finished
+    rows; settings: each row's sampling settings (RowSettings, arrays [B]); keys [B]: each row's PRNG key;
+    sampling / penalised: whether any row samples / has a penalty (the sampler's static switches);
+    stream(tokens [B]) called with each new column, or None (it may return a bool array [B] of rows to finish).
     """
 
     ids: np.ndarray
     mask: np.ndarray
-    max_new_tokens: int
+    limits: np.ndarray
     chunk: int
     max_len: int
     eos: np.ndarray
     pad: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    key: jax.Array
+    settings: RowSettings
+    keys: jax.Array
+    sampling: bool
+    penalised: bool
     stream: Stream | None
 
     @property
     def batch(self) -> int:
         return self.ids.shape[0]
 
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.limits.max(initial=0))
 
-def check_request(cfg: QwaxConfig, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int,
-                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | jax.Array = 0, eos_token_id: int | Sequence[int] | None = None,
-                  pad_token_id: int | None = None, stream: Stream | None = None,
-                  prefill_chunk_size: int = 512) -> Request:
-    """Validate the arguments of a generation request for a text model of config `cfg` (see qwax.generate)."""
-    ids, mask = check_prompt(cfg, input_ids, attention_mask, max_new_tokens)
-    check_sampling(temperature, top_k, top_p)
+    @property
+    def greedy(self) -> bool:
+        return not self.sampling and not self.penalised
+
+
+def row_keys(seed: int | jax.Array | Sequence[int | jax.Array], batch: int) -> jax.Array:
+    """Per-row PRNG keys [batch]: row i of one seed draws from fold_in(key, i), so a row's draws do not depend on
+    the batch around it; a sequence gives each row its own seed (or key)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"{len(seed)} seeds for {batch} rows: pass one seed, or one per row")
+        return jnp.stack([as_key(s) for s in seed])
+    key = as_key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def check_request(cfg: QwaxConfig, input_ids: Any, attention_mask: Any = None, *,
+                  max_new_tokens: int | Sequence[int], sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                  seed: int | jax.Array | Sequence[int | jax.Array] = 0,
+                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                  stream: Stream | None = None, prefill_chunk_size: int = 512) -> Request:
+    """Validate the arguments of a generation request for a text model of config `cfg` (see qwax.generate).
+
+    max_new_tokens, sampling and seed are one value for every row, or a sequence with one per row (a server's
+    batch of requests); sampling None is greedy.
+    """
+    per_row = isinstance(max_new_tokens, (list, tuple, np.ndarray))
+    limits = [int(n) if isinstance(n, np.integer) else n for n in (max_new_tokens if per_row else [max_new_tokens])]
+    for n in limits:
+        check_int("max_new_tokens", n, 0)
+    ids, mask = check_prompt(cfg, input_ids, attention_mask, max(limits, default=0))
+    b = ids.shape[0]
+    if per_row and len(limits) != b:
+        raise ValueError(f"{len(limits)} max_new_tokens values for {b} rows: pass one, or one per row")
+    rows = [SamplingParams()] * b if sampling is None else (
+        [sampling] * b if isinstance(sampling, SamplingParams) else list(sampling))
+    if len(rows) != b or not all(isinstance(r, SamplingParams) for r in rows):
+        raise ValueError(f"sampling must be a SamplingParams or one per row ({b}), got {sampling!r}")
     if stream is not None and not callable(stream):
         raise ValueError(f"stream must be a callable taking the new tokens [batch], got {type(stream).__name__}")
     eos, pad = stop_tokens(cfg, eos_token_id, pad_token_id)
     chunk = prefill_chunk_length(ids.shape[1], prefill_chunk_size)
-    return Request(ids=ids, mask=mask, max_new_tokens=int(max_new_tokens), chunk=chunk,
-                   max_len=cache_length(ids.shape[1], chunk, int(max_new_tokens)), eos=eos, pad=pad,
-                   temperature=float(temperature), top_k=None if top_k is None else int(top_k),
-                   top_p=None if top_p is None else float(top_p), key=as_key(seed), stream=stream)
+    limits_arr = np.broadcast_to(np.asarray(limits, np.int64), (b,)).copy()
+    return Request(ids=ids, mask=mask, limits=limits_arr, chunk=chunk,
+                   max_len=cache_length(ids.shape[1], chunk, int(limits_arr.max(initial=0))), eos=eos, pad=pad,
+                   settings=RowSettings.of(rows), keys=row_keys(seed, b), sampling=any(r.samples for r in rows),
+                   penalised=any(r.penalised for r in rows), stream=stream)
 
 
 # ------------------------------------------------------------------ prefill
@@ -322,13 +345,14 @@ class MeshPlacement:
 
 
 class TokenSink:
-    """Collects the generated columns of a request: rows that hit a stop id are finished and get the pad id from
-    then on; each column goes to the stream callback as soon as it is known."""
+    """Collects the generated columns of a request: a row finishes at a stop id, at its own token limit, or when
+    the stream callback says so, and gets the pad id from then on; each column goes to the stream callback as soon
+    as it is known."""
 
     def __init__(self, request: Request):
         self.eos, self.pad, self.stream = request.eos, request.pad, request.stream
-        self.max_new_tokens = request.max_new_tokens
-        self.done = np.zeros((request.batch,), bool)
+        self.limits = request.limits
+        self.done = self.limits <= 0
         self.columns: list[np.ndarray] = []
 
     @property
@@ -336,13 +360,14 @@ class TokenSink:
         return len(self.columns)
 
     def emit(self, tokens: np.ndarray) -> bool:
-        """Append a column [B]; True when generation is over (every row finished, or max_new_tokens reached)."""
+        """Append a column [B]; True when generation is over (every row finished)."""
         tokens = np.where(self.done, self.pad, tokens).astype(np.int32)
         self.columns.append(tokens)
-        if self.stream is not None:
-            self.stream(tokens)
-        self.done |= np.isin(tokens, self.eos)
-        return bool(self.done.all()) or self.count >= self.max_new_tokens
+        finish = self.stream(tokens) if self.stream is not None else None
+        self.done |= np.isin(tokens, self.eos) | (self.count >= self.limits)
+        if finish is not None:
+            self.done |= np.asarray(finish, bool)
+        return bool(self.done.all())
 
     def tokens(self) -> np.ndarray:
         """The new tokens [B, n] int32."""
@@ -351,25 +376,18 @@ class TokenSink:
         return np.stack(self.columns, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _choose(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int | None, top_p: float | None
-            ) -> tuple[jax.Array, jax.Array]:
-    """(next tokens [B] int32, the key for the step after)."""
-    key, sub = jax.random.split(key)
-    return sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p), key
-
-
 def sample_loop(decode: Callable[[Cache, jax.Array], tuple[jax.Array, Cache]], logits: jax.Array, cache: Cache,
                 request: Request) -> np.ndarray:
-    """Choose a token per row from `logits` [B, V] (greedy, or sampled from request.key), then
-    `decode(cache, tokens) -> (logits, cache)`, until every row has hit a stop id or max_new_tokens are out.
+    """Choose a token per row from `logits` [B, V] (see qwax.inference.sampling.choose), then
+    `decode(cache, tokens) -> (logits, cache)`, until every row has hit a stop id or its token limit.
     Finished rows get the pad id. Returns the new tokens [B, n]."""
-    sink, key = TokenSink(request), request.key
-    if request.max_new_tokens == 0:
+    sink = TokenSink(request)
+    if sink.done.all():
         return sink.tokens()
+    state = initial_state(request.keys, request.ids, request.mask, logits.shape[-1], request.penalised)
+    settings = RowSettings(*(jnp.asarray(x) for x in request.settings))
     while True:
-        tokens_dev, key = _choose(logits, key, temperature=request.temperature, top_k=request.top_k,
-                                  top_p=request.top_p)
+        tokens_dev, state = choose(logits, state, settings, sampling=request.sampling)
         if sink.count < request.max_new_tokens - 1:
             # Queue the next decode step before waiting for this step's tokens: the host's work below (the copy,
             # the stream callback, the stop test) then overlaps the device's. When every row has stopped, this

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from qwax.inference.engine import MeshPlacement, Stream, as_key, check_request, check_sampling, generate_tokens
+from qwax.inference.engine import MeshPlacement, Stream, as_key, check_request, generate_tokens
 from qwax.inference.engine import decode_step, prefill  # noqa: F401  (their former home; kept importable here)
+from qwax.inference.sampling import SamplingParams
 from qwax.inference.speculative import generate_mtp
 from qwax.model import QwaxForCausalLM
 from qwax.multimodal.generate import generate as generate_multimodal
@@ -25,7 +26,8 @@ from qwax.sharding.rules import Rules
 
 def generate(model: QwaxForCausalLM | QwaxForConditionalGeneration, input_ids: Any, *, max_new_tokens: int,
              attention_mask: Any = None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             top_p: float | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | jax.Array = 0, stream: Stream | None = None,
              prefill_chunk_size: int = 512, speculative: str | None = None, mesh: Mesh | None = None,
              rules: str | Rules | None = None, pixel_values: Any = None, image_grid_thw: Any = None,
@@ -34,10 +36,14 @@ def generate(model: QwaxForCausalLM | QwaxForConditionalGeneration, input_ids: A
 
     input_ids [B, L] int (left-padded when rows differ in length, with attention_mask [B, L] 1/0).
     Greedy when temperature == 0, else sampling with optional top_k / top_p from `seed` (an int or a
-    jax.random key); top_k, top_p and seed only act when temperature > 0 (greedy has nothing to draw). Rows stop
+    jax.random key; row i draws from fold_in(key, i)); top_k, top_p and seed only act when temperature > 0 (greedy
+    has nothing to draw). presence_penalty / frequency_penalty (OpenAI's, on the generated tokens; 0: off) and
+    repetition_penalty (transformers', on prompt and generated tokens; 1: off) apply before either; new values of
+    any of these never recompile (see qwax.inference.sampling). Rows stop
     at any of `eos_token_id` (default: the config's; [] never stops); finished rows are filled with `pad_token_id`
     (default: the config's, else the first eos id, else 0). Generation ends early when every row has finished.
-    stream(tokens [B]) is called with each new token column as soon as it is chosen.
+    stream(tokens [B]) is called with each new token column as soon as it is chosen; it may return a bool array
+    [B] of rows to finish now (e.g. a stop string), else None.
     prefill_chunk_size: the prompt is prefilled in chunks of this many tokens (bounded memory for long prompts).
     speculative="mtp": draft with the model's MTP head and verify with the main model (greedy only: needs
     temperature=0; the same tokens, fewer main-model forwards; see qwax.inference.speculative).
@@ -52,7 +58,8 @@ def generate(model: QwaxForCausalLM | QwaxForConditionalGeneration, input_ids: A
     common = dict(max_new_tokens=max_new_tokens, attention_mask=attention_mask, eos_token_id=eos_token_id,
                   pad_token_id=pad_token_id, stream=stream, prefill_chunk_size=prefill_chunk_size, mesh=mesh,
                   rules=rules)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty, seed=seed)
     if isinstance(model, QwaxForConditionalGeneration):
         if speculative is not None:
             raise ValueError(f"speculative={speculative!r}: speculative decoding is not supported for multimodal "
@@ -72,11 +79,13 @@ def generate(model: QwaxForCausalLM | QwaxForConditionalGeneration, input_ids: A
     if speculative is not None:
         if speculative != "mtp":
             raise ValueError(f"speculative={speculative!r}: the only supported drafter is 'mtp'")
-        if temperature != 0.0:
-            raise ValueError(f"speculative='mtp' decodes greedily: pass temperature=0, got {temperature!r}")
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty)
+        if params.samples or params.penalised:
+            raise ValueError(f"speculative='mtp' decodes greedily without penalties: pass temperature=0 and no "
+                             f"penalties, got {params}")
         # Greedy: top_k, top_p and seed cannot change the tokens, exactly as on the plain greedy path; they are
-        # still checked so that a malformed value raises on every path.
-        check_sampling(temperature, top_k, top_p)
+        # still checked (above and here) so that a malformed value raises on every path.
         as_key(seed)
         return generate_mtp(model, input_ids, **common)
     return generate_text(model, input_ids, **sampling, **common)
@@ -84,12 +93,15 @@ def generate(model: QwaxForCausalLM | QwaxForConditionalGeneration, input_ids: A
 
 def generate_text(model: QwaxForCausalLM, input_ids: Any, *, max_new_tokens: int, attention_mask: Any = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                   eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                   seed: int | jax.Array = 0, stream: Stream | None = None, prefill_chunk_size: int = 512,
                   mesh: Mesh | None = None, rules: str | Rules | None = None) -> np.ndarray:
     """Plain (non-speculative) generation with a text model; the arguments and result of `generate`."""
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty)
     request = check_request(model.config, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                            sampling=sampling, seed=seed, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, stream=stream, prefill_chunk_size=prefill_chunk_size)
     new = generate_tokens(model, request, MeshPlacement(mesh, rules))
     return np.concatenate([request.ids, new], axis=1)

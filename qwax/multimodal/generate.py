@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qwax.inference.engine import MeshPlacement, Stream, check_request, generate_tokens
+from qwax.inference.sampling import SamplingParams
 from qwax.multimodal.model import QwaxForConditionalGeneration
 from qwax.sharding.rules import Rules
 
@@ -26,7 +27,8 @@ from qwax.sharding.rules import Rules
 def generate(model: QwaxForConditionalGeneration, input_ids: Any, *, max_new_tokens: int, attention_mask: Any = None,
              pixel_values: Any = None, image_grid_thw: Any = None, pixel_values_videos: Any = None,
              video_grid_thw: Any = None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             top_p: float | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | jax.Array = 0, stream: Stream | None = None,
              prefill_chunk_size: int = 512, mesh: Mesh | None = None, rules: str | Rules | None = None
              ) -> np.ndarray:
@@ -40,8 +42,10 @@ def generate(model: QwaxForConditionalGeneration, input_ids: Any, *, max_new_tok
     if not isinstance(model, QwaxForConditionalGeneration):
         raise ValueError(f"model must be a QwaxForConditionalGeneration, got {type(model).__name__}")
     cfg = model.config.text
-    request = check_request(cfg, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty)
+    request = check_request(cfg, input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling,
+                            seed=seed, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, stream=stream, prefill_chunk_size=prefill_chunk_size)
     placement = MeshPlacement(mesh, rules)
     with placement.scope():

@@ -431,3 +431,16 @@ def test_bad_shapes_name_the_argument(gmm_operands):
         moe.routed_experts(x, idx.astype(jnp.float32), w, wgu, wd)
     with pytest.raises(ValueError, match="group_sizes"):
         moe.tgmm(lhs, grad, gs.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("t,k,e", [(1, 2, 8), (3, 3, 12), (8, 2, 8), (16, 3, 5)])
+def test_xla_cpu_few_rows_paths(t, k, e):
+    """Few rows take the gather path (T * k < E) or, with few experts per slot, the dense path over all
+    experts (T * k >= E, E <= DENSE_EXPERTS_PER_SLOT * k): values and gradients equal the reference."""
+    x, idx, w, wgu, wd, dy = make_routing_case(seed=5, t=t, k=k, e=e)
+    idx = idx.at[0, 0].set(e)  # an out-of-range id contributes nothing on both paths
+    y, grads = _value_and_grads(xla.routed_experts_cpu, x, idx, w, wgu, wd, dy)
+    y_ref, grads_ref = _value_and_grads(reference.routed_experts, x, idx, w, wgu, wd, dy)
+    _close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        _close(g, g_ref)

@@ -187,11 +187,23 @@ def test_resumed_run_replaces_its_export_and_transformers_continues_a_prompt_gre
     second_export = _export_tensors(hf_dir)
     assert second_export.keys() == first_export.keys()
     assert any(not np.array_equal(second_export[k], first_export[k]) for k in first_export)
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(hf_dir))
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "generation_config.json"} <= set(os.listdir(hf_dir))
     assert not [d for d in os.listdir(workdir) if d.startswith(".hf")], os.listdir(workdir)  # no leftovers
 
     import qwax
+    from qwax import data as qdata
+    from qwax.train.recipes import get_recipe
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    # transformers imposes the Qwen3.5 pipeline on the export's vocabulary: the run's tokenizer has it too.
+    assert type(tok).__name__ == "Qwen3_5Tokenizer"
+    recipe = get_recipe("tiny", TEST_OVERRIDES)
+    held_out = qdata.split_documents(qdata.read_documents(recipe.data, recipe.text_field),
+                                     recipe.eval_holdout_every)[1]
+    run_tok = qdata.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
+    assert [e.ids for e in run_tok.encode_batch(held_out)] == tok(held_out)["input_ids"]
+    assert transformers.GenerationConfig.from_pretrained(hf_dir).eos_token_id == [
+        run_tok.token_to_id("<|im_end|>"), qdata.eos_id(run_tok)]
     prompt = np.asarray([tok("def read(path):\n    ")["input_ids"]], np.int64)
     ours = np.asarray(qwax.generate(qwax.load_hf(hf_dir), prompt.astype(np.int32), max_new_tokens=8))
     ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -326,6 +326,26 @@ def _routed_gathered(x: jax.Array, idx: jax.Array, expert_weights: jax.Array, w_
     return jnp.einsum("tkh,tk->th", y, jnp.where(kept, expert_weights.astype(_F32), 0.0)).astype(x.dtype)
 
 
+# With few experts per routed slot (E <= DENSE_EXPERTS_PER_SLOT * k) and at least as many slots as experts, every
+# expert is (on average) used anyway: two GEMMs over all experts then beat copying T * k experts' weights (tiny
+# models decoding batches; see bench_serve.py).
+DENSE_EXPERTS_PER_SLOT = 4
+
+
+def _routed_dense(x: jax.Array, idx: jax.Array, expert_weights: jax.Array, w_gate_up: jax.Array,
+                  w_down: jax.Array) -> jax.Array:
+    """Routed experts as two GEMMs over all E experts: [T, H] @ [H, E * 2I], SwiGLU, each expert's activations
+    scaled by the token's routing weight for it (0 if not routed there), then [T, E * I] @ [E * I, H]."""
+    e, hdim, i2 = w_gate_up.shape
+    t, i = x.shape[0], i2 // 2
+    kept = (idx >= 0) & (idx < e)
+    combine = jnp.zeros((t, e), _F32).at[jnp.arange(t)[:, None], jnp.where(kept, idx, 0)].add(
+        jnp.where(kept, expert_weights.astype(_F32), 0.0))
+    h = (x.astype(_F32) @ jnp.transpose(w_gate_up.astype(_F32), (1, 0, 2)).reshape(hdim, e * i2)).reshape(t, e, i2)
+    act = jax.nn.silu(h[..., :i]) * h[..., i:] * combine[..., None]
+    return (act.reshape(t, e * i) @ w_down.astype(_F32).reshape(e * i, hdim)).astype(x.dtype)
+
+
 def routed_experts_cpu(
     x: jax.Array,
     expert_idx: jax.Array,
@@ -337,7 +357,8 @@ def routed_experts_cpu(
 ) -> jax.Array:
     """Fused sorted-loop routed experts (see module docstring). Shapes as ``routed_experts``.
 
-    Few rows (up to SMALL_GATHER_BYTES of gathered expert weights, e.g. decoding) take a gather-and-batch path.
+    Few rows (up to SMALL_GATHER_BYTES of gathered expert weights, e.g. decoding) take a gather-and-batch path,
+    or two dense GEMMs over all experts when there are few experts per routed slot and every expert is used.
 
     Args:
       row_tiles: static descending row-tile ladder; default from :func:`default_row_tiles`. Giving one forces
@@ -347,6 +368,8 @@ def routed_experts_cpu(
     idx = expert_idx.astype(jnp.int32)  # out-of-range ids are dropped by routing.sort_by_expert
     gathered = idx.size * (w_gate_up[0].size + w_down[0].size) * w_gate_up.dtype.itemsize
     if row_tiles is None and gathered <= SMALL_GATHER_BYTES:
+        if e <= DENSE_EXPERTS_PER_SLOT * idx.shape[-1] and idx.size >= e:
+            return _routed_dense(x, idx, expert_weights, w_gate_up, w_down)
         return _routed_gathered(x, idx, expert_weights, w_gate_up, w_down)
     if row_tiles is None:
         row_tiles = default_row_tiles(idx.size, e)
