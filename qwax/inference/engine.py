@@ -134,10 +134,6 @@ class Request:
     def max_new_tokens(self) -> int:
         return int(self.limits.max(initial=0))
 
-    @property
-    def greedy(self) -> bool:
-        return not self.sampling and not self.penalised
-
 
 def row_keys(seed: int | jax.Array | Sequence[int | jax.Array], batch: int) -> jax.Array:
     """Per-row PRNG keys [batch]: row i of one seed draws from fold_in(key, i), so a row's draws do not depend on
@@ -151,7 +147,8 @@ def row_keys(seed: int | jax.Array | Sequence[int | jax.Array], batch: int) -> j
 
 
 def check_request(cfg: QwaxConfig, input_ids: Any, attention_mask: Any = None, *,
-                  max_new_tokens: int | Sequence[int], sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                  max_new_tokens: int | Sequence[int],
+                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                   seed: int | jax.Array | Sequence[int | jax.Array] = 0,
                   eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                   stream: Stream | None = None, prefill_chunk_size: int = 512) -> Request:

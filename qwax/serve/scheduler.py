@@ -1,7 +1,8 @@
 """The server's batching scheduler: one worker thread owns the model and runs requests in batches.
 
 Requests queue up; when the worker is free it takes every waiting request that fits `max_batch` rows (a request
-with n choices takes n rows), waiting briefly while more keep arriving (see Scheduler), and runs them as one batch through the engine's batched prefill and decode (qwax.inference.engine). Requests that arrive while a
+with n choices takes n rows), waiting briefly while more keep arriving (see Scheduler), and runs them as one
+batch through the engine's batched prefill and decode (qwax.inference.engine). Requests that arrive while a
 batch runs join the next one. Each row carries its own sampling settings, PRNG key, token limit, stop ids and stop
 strings, so batching never changes a request's tokens (up to floating-point rounding): the row of choice i of a
 request with seed s draws from fold_in(key(s), i), wherever it sits in the batch.
@@ -44,7 +45,8 @@ class Job:
     """One request: prompt ids, n choices, each with `sampling`, up to max_tokens tokens, stopping at `eos` ids
     (unless ignore_eos) or at any of `stop` (the text before it is kept). on_event([Delta, ...]) is called from
     the worker thread once per decoding step that has news for the job (streaming), or once with all of them
-    when every choice has finished (not streaming); on_error(exception) if the batch fails. Setting `cancelled` finishes the request's rows."""
+    when every choice has finished (not streaming); on_error(exception) if the batch fails. Setting `cancelled`
+    finishes the request's rows."""
 
     prompt_ids: Sequence[int]
     n: int
