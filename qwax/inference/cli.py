@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         qwax.generate(model, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
                       **dataclasses.asdict(sampling),
-                      eos_token_id=list(defaults.stop_ids(model.config)), seed=args.seed, stream=stream)
+                      eos_token_id=defaults.eos_token_id, seed=args.seed, stream=stream)
     except ValueError as e:
         print(f"\nqwax generate: {e}", file=sys.stderr)
         return 2

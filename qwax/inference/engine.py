@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from qwax.config import QwaxConfig
 from qwax.graph_jit import jit_with_graph
 from qwax.inference.cache import CACHE_BUCKET, Cache, cache_logical_axes, init_cache
-from qwax.inference.sampling import RowSettings, SamplingParams, choose, initial_state
+from qwax.inference.sampling import RowSettings, SamplingParams, choose, fold_keys, initial_state
 from qwax.model import QwaxForCausalLM, check_token_ids
 from qwax.sharding.rules import Rules, get_rules, logical_sharding, param_shardings, tree_shardings, use_sharding
 
@@ -142,8 +142,7 @@ def row_keys(seed: int | jax.Array | Sequence[int | jax.Array], batch: int) -> j
         if len(seed) != batch:
             raise ValueError(f"{len(seed)} seeds for {batch} rows: pass one seed, or one per row")
         return jnp.stack([as_key(s) for s in seed])
-    key = as_key(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+    return fold_keys(as_key(seed), batch)
 
 
 def check_request(cfg: QwaxConfig, input_ids: Any, attention_mask: Any = None, *,

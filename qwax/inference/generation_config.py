@@ -12,31 +12,21 @@ import dataclasses
 import os
 from typing import Any
 
-from qwax.config import QwaxConfig
-from qwax.json_files import read_json_object
 from qwax.inference.sampling import SamplingParams
+from qwax.json_files import read_json_object
 
 FILE = "generation_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationDefaults:
-    """eos_token_id: the stop ids (None: the model config's); pad_token_id; sampling: the default settings;
-    max_new_tokens: the checkpoint's suggested output budget, or None."""
+    """eos_token_id: the stop ids (None: the model config's, as qwax.generate takes them); pad_token_id;
+    sampling: the default settings; max_new_tokens: the checkpoint's suggested output budget, or None."""
 
     eos_token_id: tuple[int, ...] | None = None
     pad_token_id: int | None = None
     sampling: SamplingParams = SamplingParams()
     max_new_tokens: int | None = None
-
-    def stop_ids(self, cfg: QwaxConfig) -> tuple[int, ...]:
-        """The stop ids: this file's, else the model config's eos_token_id (one id or a list), else none."""
-        if self.eos_token_id is not None:
-            return self.eos_token_id
-        eos = cfg.eos_token_id
-        if eos is None:
-            return ()
-        return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
 def _ids(value: Any, key: str, path: str) -> tuple[int, ...] | None:

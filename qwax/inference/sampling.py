@@ -106,9 +106,9 @@ class SamplerState(NamedTuple):
     prompt_seen: jax.Array | None
 
 
-def row_keys(seeds: Sequence[jax.Array]) -> jax.Array:
-    """Stack typed PRNG keys (one per row) into a key array [B]."""
-    return jnp.stack([jnp.asarray(k) for k in seeds])
+def fold_keys(key: jax.Array, batch: int) -> jax.Array:
+    """Per-row keys [batch] from one key: row i draws from fold_in(key, i), whatever the batch around it."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
 
 def initial_state(keys: jax.Array, prompt_ids: np.ndarray | None, prompt_mask: np.ndarray | None, vocab: int,
@@ -181,7 +181,6 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
     fold_in(key, i); see the module docstring. A convenience over `choose` (which carries state across steps)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     b = logits.shape[0]
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
-    tokens, _ = choose(logits, SamplerState(keys, None, None), RowSettings.of([params] * b),
+    tokens, _ = choose(logits, SamplerState(fold_keys(key, b), None, None), RowSettings.of([params] * b),
                        sampling=params.samples)
     return tokens

@@ -92,14 +92,13 @@ class Choice:
         self.index = index
         self.reasoning = ReasoningStream(think_open(prompt_text)) if prompt_text is not None else None
         self.tools = ToolCallStream(tools) if tools else None
-        self.text, self.reasoning_text, self.content = "", "", ""
+        self.reasoning_text, self.content = "", ""
         self.tool_calls: list = []
         self.finish_reason: str | None = None
         self.completion_tokens = 0
 
     def feed(self, text: str, final: bool = False) -> dict[str, Any]:
         """A text delta -> the chat delta fields it releases (reasoning_content, content, tool_calls)."""
-        self.text += text
         if self.reasoning is None:
             return {"content": text} if text else {}
         reasoning, content = self.reasoning.feed(text)

@@ -8,6 +8,7 @@ import os
 
 from qwax.convert.hf import load_hf
 from qwax.inference.chat_template import ChatTemplate, ChatTemplateError
+from qwax.inference.engine import stop_tokens
 from qwax.inference.generation_config import load_generation_config
 from qwax.inference.tokenizer import load_tokenizer
 from qwax.serve.app import ServedModel
@@ -37,8 +38,8 @@ def load_served(checkpoint: str | os.PathLike, *, dtype: str = "auto", max_batch
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    pad = defaults.pad_token_id if defaults.pad_token_id is not None else (cfg.pad_token_id or 0)
+    eos, pad = stop_tokens(cfg, defaults.eos_token_id, defaults.pad_token_id)
     scheduler = Scheduler(model, decode, max_batch=max_batch, batch_window_s=batch_window_s, pad_token_id=pad)
     return ServedModel(scheduler=scheduler, encode=encode, decode=decode, chat_template=chat_template,
-                       defaults=defaults, eos=defaults.stop_ids(cfg), context_length=cfg.max_position_embeddings,
+                       defaults=defaults, eos=tuple(eos.tolist()), context_length=cfg.max_position_embeddings,
                        vocab_size=cfg.vocab_size)
