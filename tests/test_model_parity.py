@@ -40,7 +40,9 @@ def test_logits_match_transformers(model_type, hf_checkpoint, jitted_forward):
             got = np.asarray(jitted_forward(graphdef, params, jnp.asarray(ids), attention_mask=mask).logits)
             keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
             err = np.abs(got - expected)[keep].max()
-            assert err <= 1e-4, f"{model_type} L={length} mask={mask is not None}: max |diff| {err:.2e}"
+            # float32 against a float64 reference: XLA:CPU's fusion of the jitted forward differs between CPUs; the
+            # MoE model at L=200 reaches 1.48e-4 on some (7.3e-5 unjitted), and a real bug is O(1e-2) or more.
+            assert err <= 2e-4, f"{model_type} L={length} mask={mask is not None}: max |diff| {err:.2e}"
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The notebooks in notebooks/: each `.ipynb` is generated from its jupytext `py:percent` source `.py`, and CI
 executes every one top to bottom on the CPU and checks it drew something.
 
-Cheap structural tests (run always): the five notebooks are there, each `.ipynb` has its `.py` and vice versa,
+Cheap structural tests (run always): the six notebooks are there, each `.ipynb` has its `.py` and vice versa,
 both declare the pair (`formats: ipynb,py:percent`), their cells match one by one (refresh a stale `.ipynb` with
 `jupytext --sync notebooks/*.py`, see notebooks/README.md), and the `.ipynb` files carry no outputs.
 
@@ -51,7 +51,7 @@ def kernel_name() -> str:
 def test_notebooks_found():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_quickstart.ipynb", "02_parity_with_pytorch.ipynb", "03_inside_gated_deltanet.ipynb",
-                     "04_sharding.ipynb", "05_long_context.ipynb"], names
+                     "04_sharding.ipynb", "05_long_context.ipynb", "06_fine_tuning.ipynb"], names
 
 
 def test_notebooks_paired():

@@ -15,18 +15,19 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpu
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
 
-def expand_paths(paths: Sequence[str]) -> list[str]:
-    """Files named by `paths` (comma lists allowed); a directory contributes its readable files, sorted."""
+def expand_paths(paths: Sequence[str], *, default: str = DEFAULT_CORPUS,
+                 suffixes: tuple[str, ...] = TEXT_SUFFIXES + (".jsonl", ".parquet")) -> list[str]:
+    """Files named by `paths` (comma lists allowed); a directory contributes its files ending in one of
+    `suffixes`, sorted. The name "default" stands for the file `default` (the embedded corpus unless told)."""
     out: list[str] = []
     for entry in paths:
         for path in filter(None, (p.strip() for p in str(entry).split(","))):
             if path == "default":
-                out.append(DEFAULT_CORPUS)
+                out.append(default)
             elif os.path.isdir(path):
                 for dirpath, dirnames, filenames in os.walk(path):
                     dirnames.sort()
-                    out += [os.path.join(dirpath, f) for f in sorted(filenames)
-                            if f.endswith(TEXT_SUFFIXES + (".jsonl", ".parquet"))]
+                    out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(suffixes)]
             elif os.path.isfile(path):
                 out.append(path)
             else:

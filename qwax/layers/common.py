@@ -30,14 +30,20 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
 
 
 class Linear(nnx.Module):
-    """Bias-free linear map y = x @ kernel, kernel [in, out] (the transpose of torch's [out, in] weight)."""
+    """Bias-free linear map y = x @ kernel, kernel [in, out] (the transpose of torch's [out, in] weight).
+
+    `lora`: None, or a low-rank adapter (qwax.layers.lora.LoRA, attached by qwax.lora.apply_lora) whose output is
+    added: y = x @ kernel + lora(x).
+    """
 
     def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
                  cfg: QwaxConfig, opts: RunOptions, rngs: nnx.Rngs):
         self.kernel = param(rngs, (in_features, out_features), axes, cfg=cfg, opts=opts)
         self.dtype = opts.dtype
         self.impl = opts.linear_impl
+        self.lora = nnx.data(None)  # data, so an adapter module can be attached later
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out] in the compute dtype."""
-        return linear(x.astype(self.dtype), self.kernel[...].astype(self.dtype), impl=self.impl)
+        y = linear(x.astype(self.dtype), self.kernel[...].astype(self.dtype), impl=self.impl)
+        return y if self.lora is None else y + self.lora(x)

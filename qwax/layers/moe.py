@@ -58,6 +58,8 @@ class SparseMoE(nnx.Module):
         self.experts_down = param(rngs, (e, i, h), ("experts", "expert_mlp", "embed"), cfg=cfg, opts=opts)
         self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, cfg=cfg, opts=opts, rngs=rngs)
         self.shared_expert_gate = Linear(h, 1, ("embed", None), cfg=cfg, opts=opts, rngs=rngs)
+        # None, or a qwax.layers.lora.ExpertsLoRA (qwax.lora.apply_lora): the experts then run with W + s * A B.
+        self.experts_lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, L, H] -> (y [B, L, H], router_logits [B*L, E] for the auxiliary loss)."""
@@ -66,6 +68,8 @@ class SparseMoE(nnx.Module):
         logits = self.gate(x)
         idx, weights = route(logits, self.top_k, self.normalise)
         w_gate_up, w_down = self.experts_gate_up[...].astype(self.dtype), self.experts_down[...].astype(self.dtype)
+        if self.experts_lora is not None:
+            w_gate_up, w_down = self.experts_lora(w_gate_up, w_down)
         routed = sharded_routed_experts(x, idx, weights, w_gate_up, w_down, impl=self.impl)
         shared = jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape), logits

@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from qwax.config import QwaxConfig, get_preset
+from qwax.layers.lora import LoRAConfig
 from qwax.options import OPTION_NAMES, RunOptions
+
+
+TASKS = ("lm", "sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,15 @@ class Recipe:
     # How the model runs: qwax.RunOptions fields (dtype, param_dtype, remat, scan_layers, gdn_chunk_size, the
     # *_impl kernel choices); unset ones keep the RunOptions defaults.
     options_overrides: Mapping[str, Any] = field(default_factory=dict)
-    init_from: str = ""  # an HF checkpoint directory to continue from (SFT / continued pretraining); "" = random
+    # An HF checkpoint directory to start from (continued pre-training, SFT, DPO); "" = random init for
+    # task "lm", and for "sft" / "dpo" the main job's export ./qwax-run/hf when it exists.
+    init_from: str = ""
+    # What is trained (docs/post_training.md): "lm" next-token loss on packed documents; "sft" supervised fine-tuning
+    # on conversations, the loss on the assistant's tokens only; "dpo" preference pairs (direct preference
+    # optimization against the frozen starting model).
+    task: str = "lm"
     # Data: files, directories or "default" (the embedded corpus); see qwax.data.sources.
+    # "default" is the embedded set of the task: the corpus (lm), conversations (sft) or preference pairs (dpo).
     data: tuple[str, ...] = ("default",)
     text_field: str = "text"
     tokenizer: str = ""  # "" trains a byte-level BPE of `vocab_size` on the data; else a tokenizer.json / checkpoint
@@ -62,6 +73,17 @@ class Recipe:
     # Losses (the MoE aux loss coefficient comes from the model config's router_aux_loss_coef).
     z_loss_coef: float = 0.0
     mtp_loss_weight: float = 0.0
+    dpo_beta: float = 0.1  # dpo: the temperature of the implicit reward beta * log(pi / pi_ref)
+    # sft / dpo data: the chat template renders the records ("" = init_from's own; "qwax" = qwax's Qwen3.5
+    # template; or a .jinja file); it must mark assistant turns with {% generation %} blocks for the loss mask.
+    chat_template: str = ""
+    on_bad_record: str = "error"  # "error": stop at a malformed record, naming it; "skip": skip and count it
+    # LoRA (qwax.lora): lora_rank > 0 trains low-rank adapters with the base frozen; 0 trains every parameter.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()  # HF module names; () = qwax.layers.lora.DEFAULT_TARGETS; "experts" too
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
     # Checkpoints, logs, evaluation, sample.
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -73,7 +95,7 @@ class Recipe:
     # early with a final checkpoint (and says so); the main job uses it to finish in time on a busy machine.
     time_budget_minutes: float = 0.0
     peak_flops: float = 0.0  # per device, FLOP/s; 0: metrics.peak_flops() (measured on the CPU, published on TPU/GPU)
-    sample_prompt: str = "def "
+    sample_prompt: str = "def "  # lm: text to continue; sft / dpo: a user message, rendered as a chat prompt
     sample_tokens: int = 48
     # Parallelism: a mesh spec "axis=size,..." for qwax.sharding (e.g. "data=1,fsdp=64,expert=8,tensor=1") and a
     # named sharding strategy. "" runs on one device with no mesh.
@@ -90,6 +112,22 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: options_overrides {unknown} are not RunOptions fields; "
                              f"expected some of {sorted(OPTION_NAMES)}")
         self.run_options()  # invalid values fail here, naming the option
+        choices = {"task": (self.task, TASKS), "on_bad_record": (self.on_bad_record, ("error", "skip"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"recipe {self.name!r}: {key}={value!r}; expected one of {list(allowed)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"recipe {self.name!r}: lora_rank={self.lora_rank}; expected >= 0 (0: no LoRA)")
+        if self.lora_rank:
+            self.lora_config()  # invalid LoRA settings fail here
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapters of the run (None: full training)."""
+        if not self.lora_rank:
+            return None
+        targets = {"targets": tuple(self.lora_targets)} if self.lora_targets else {}
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          use_rslora=self.use_rslora, **targets)
 
     def run_options(self) -> RunOptions:
         """The qwax.RunOptions of the run: RunOptions defaults with `options_overrides`."""
@@ -121,7 +159,7 @@ RECIPES: dict[str, Recipe] = {
                          "max_position_embeddings": 4096},
         vocab_size=2048, seq_len=256, batch_size=8, steps=200, learning_rate=3e-3, warmup_steps=20,
         checkpoint_every=50, eval_every=100, log_every=10, time_budget_minutes=7.5),
-    # Continued pretraining / SFT of Qwen3.5-0.8B on one accelerator host (e.g. TPU v5e-8 or 8 GPUs): point
+    # Continued pretraining of Qwen3.5-0.8B on one accelerator host (e.g. TPU v5e-8 or 8 GPUs): point
     # init_from at the converted checkpoint and data at jsonl/parquet files; the checkpoint's tokenizer is used.
     "qwen3.5-0.8b": Recipe(
         name="qwen3.5-0.8b", preset="qwen3.5-0.8b",
@@ -130,6 +168,29 @@ RECIPES: dict[str, Recipe] = {
         learning_rate=2e-5, warmup_steps=100, end_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
         mtp_loss_weight=0.3, checkpoint_every=500, keep_checkpoints=3, eval_every=250, eval_batches=16,
         log_every=10, mesh="data=1,fsdp=8,tensor=1", sharding_strategy="fsdp"),
+    # Post-training (docs/post_training.md). LoRA SFT of a checkpoint on the embedded conversations: init_from
+    # defaults to the main job's export ./qwax-run/hf; a few minutes on 2 CPU cores.
+    "sft-tiny": Recipe(
+        name="sft-tiny", task="sft", tokenizer="init_from", seq_len=640, batch_size=4, steps=100,
+        learning_rate=5e-3, warmup_steps=10, weight_decay=0.0, lora_rank=8, lora_alpha=16.0,
+        eval_holdout_every=20, eval_every=50, eval_batches=4, checkpoint_every=50, log_every=5,
+        sample_prompt="What does json.dumps do?", sample_tokens=48),
+    # DPO of a checkpoint (e.g. the sft-tiny export) on the embedded preference pairs, with LoRA.
+    "dpo-tiny": Recipe(
+        name="dpo-tiny", task="dpo", tokenizer="init_from", seq_len=384, batch_size=4, steps=100,
+        learning_rate=2e-3, warmup_steps=10, weight_decay=0.0, lora_rank=8, lora_alpha=16.0, dpo_beta=0.1,
+        eval_holdout_every=20, eval_every=50, eval_batches=16, checkpoint_every=50, log_every=5,
+        sample_prompt="What does json.dumps do?", sample_tokens=48),
+    # LoRA SFT of Qwen3.5-0.8B on one TPU v5e-8 host (or 8 GPUs): init_from the converted checkpoint, data the
+    # conversations (jsonl / parquet, OpenAI messages). Qwen's own chat template has no {% generation %} blocks,
+    # so qwax's Qwen3.5 template renders the data (the same ChatML, think and tool-call format).
+    "qwen3.5-0.8b-sft": Recipe(
+        name="qwen3.5-0.8b-sft", preset="qwen3.5-0.8b", task="sft", chat_template="qwax",
+        options_overrides={"dtype": "bfloat16", "param_dtype": "float32", "remat": "dots_no_batch"},
+        tokenizer="init_from", seq_len=4096, batch_size=8, grad_accum=2, steps=1000, learning_rate=2e-4,
+        warmup_steps=50, end_lr_ratio=0.1, weight_decay=0.0, clip_norm=1.0, lora_rank=16, lora_alpha=32.0,
+        checkpoint_every=250, keep_checkpoints=3, eval_every=250, eval_batches=16, log_every=10,
+        mesh="data=1,fsdp=8,tensor=1", sharding_strategy="fsdp", on_bad_record="skip"),
     # Qwen3.5-397B-A17B pretraining on a TPU pod (512 chips: fsdp 64 x expert 8). Global batch 1024 x 4096 tokens.
     "qwen3.5-397b-a17b": Recipe(
         name="qwen3.5-397b-a17b", preset="qwen3.5-397b-a17b",

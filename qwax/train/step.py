@@ -1,6 +1,12 @@
-"""The training step as a pure function: (params, opt_state, batch, rng) -> (params, opt_state, metrics).
+"""The training step as a pure function: (params, opt_state, batch, rng[, frozen, reference]) -> (params,
+opt_state, metrics).
 
-Objective per optimizer step, over all micro-batches of a gradient-accumulation step:
+The step differentiates `params` only. For pre-training and full fine-tuning they are the whole model state; with
+LoRA they are the adapters (qwax.lora.TRAINABLE) and the base weights come in as `frozen`, so neither gradients
+nor optimizer state exist for the base. The loss is an `Objective`: the language-model loss below (pre-training,
+and SFT, whose weights mark the assistant's tokens), or DPO's (qwax.train.dpo).
+
+Language-model objective per optimizer step, over all micro-batches of a gradient-accumulation step:
     ce       = sum_t w_t * CE(logits_t, target_t) / sum_t w_t        (token-weighted mean next-token loss)
   + router_aux_loss_coef * mean_micro(aux)                           (MoE load balancing, from the model)
   + z_loss_coef * mean_micro(router z-loss)                          (needs ModelOutput.router_logits)
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qwax.layers.lora import lora_dropout
 from qwax.train.optim import decay_mask
 
 
@@ -40,6 +47,13 @@ def cast_for_compute(params: Any, dtype: Any) -> Any:
     mask = decay_mask(params)
     return jax.tree.map(lambda p, m: p.astype(dtype) if m and jnp.issubdtype(p.dtype, jnp.floating) else p,
                         params, mask)
+
+
+def merge_for_compute(graphdef: nnx.GraphDef, params: Any, frozen: Any, compute_dtype: Any) -> nnx.Module:
+    """The model of `params` (and `frozen`, the untrained rest of its state, or None) with its weight matrices in
+    the compute dtype."""
+    state = (params,) if frozen is None else (params, frozen)
+    return nnx.merge(graphdef, *(cast_for_compute(s, compute_dtype) for s in state))
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -84,74 +98,124 @@ def micro_batch_terms(model: nnx.Module, batch: dict, weights: LossWeights) -> d
     return terms
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, weights: LossWeights,
-                    compute_dtype: Any = "float32") -> Callable:
-    """The pure step `(params, opt_state, batch, rng) -> (params, opt_state, metrics)` (not jitted).
+@dataclass(frozen=True)
+class Objective:
+    """A training objective, as three pure functions the step composes (accumulation, gradients, update):
 
-    compute_dtype: the dtype the weight matrices are cast to for the forward, normally the model's
-    `options.dtype` (any dtype-like).
-
-    batch: dict of [A, B, L] arrays (A = gradient-accumulation micro-batches), see qwax.data.BATCH_KEYS.
-    rng: reserved for stochastic layers (the model has none; dropout-free as the published models).
-    metrics: loss (the full objective), ce, aux_loss, z_loss, mtp_loss, grad_norm, tokens, learning rate
-    is added by the caller from the schedule.
+    totals(batch [A, ...]) -> normalisers over all A micro-batches (e.g. the token count), so each micro-batch's
+        loss is already divided by the whole step's count and accumulation equals one large batch;
+    terms(model, reference, micro_batch, totals, n_micro) -> (loss value to differentiate, dict of scalar sums);
+        `reference` is the frozen reference model (DPO) or None;
+    metrics(summed terms, totals, n_micro) -> the logged metrics (the caller adds grad_norm and the learning rate).
     """
 
-    def objective(params, batch, total_tokens, total_mtp_tokens, n_micro):
-        model = nnx.merge(graphdef, cast_for_compute(params, compute_dtype))
-        t = micro_batch_terms(model, batch, weights)
-        value = (t["ce_sum"] / total_tokens
-                 + (weights.router_aux_loss_coef * t["aux"] + weights.z_loss_coef * t["z"]) / n_micro
-                 + weights.mtp_loss_weight * t["mtp_sum"] / total_mtp_tokens)
-        return value, t
+    totals: Callable[[dict], dict[str, jax.Array]]
+    terms: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    metrics: Callable[[dict, dict, int], dict[str, jax.Array]]
+    uses_reference: bool = False
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def train_step(params, opt_state, batch, rng):
-        del rng
-        n_micro = batch["input_ids"].shape[0]
-        total_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+def language_model_objective(weights: LossWeights) -> Objective:
+    """Next-token cross-entropy on the weighted targets (all tokens for pre-training, the assistant's tokens for
+    SFT), plus the MoE auxiliary, router z- and MTP losses of `weights`."""
+
+    def totals(batch):
         total_mtp = jnp.ones((), jnp.float32)
         if weights.mtp_loss_weight:
             total_mtp = jnp.maximum(jnp.sum(jax.vmap(lambda b: mtp_targets(b)[2])(batch)), 1.0)
+        return {"tokens": jnp.maximum(jnp.sum(batch["weights"]), 1.0), "mtp_tokens": total_mtp}
 
-        def micro(carry, mb):
+    def terms(model, reference, batch, total, n_micro):
+        del reference
+        t = micro_batch_terms(model, batch, weights)
+        value = (t["ce_sum"] / total["tokens"]
+                 + (weights.router_aux_loss_coef * t["aux"] + weights.z_loss_coef * t["z"]) / n_micro
+                 + weights.mtp_loss_weight * t["mtp_sum"] / total["mtp_tokens"])
+        return value, t
+
+    def metrics(acc, total, n_micro):
+        return {"loss": acc["loss"], "ce": acc["ce_sum"] / total["tokens"], "aux_loss": acc["aux"] / n_micro,
+                "z_loss": acc["z"] / n_micro, "mtp_loss": acc["mtp_sum"] / total["mtp_tokens"],
+                "tokens": acc["tokens"]}
+
+    return Objective(totals, terms, metrics)
+
+
+def _fold(rng: jax.Array | None, i: Any) -> jax.Array | None:
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    objective: LossWeights | Objective, compute_dtype: Any = "float32") -> Callable:
+    """The pure step `(params, opt_state, batch, rng, frozen=None, reference=None) -> (params, opt_state,
+    metrics)` (not jitted).
+
+    objective: LossWeights for the language-model loss (pre-training, SFT), or an Objective (e.g. DPO's).
+    compute_dtype: the dtype the weight matrices are cast to for the forward, normally the model's
+    `options.dtype` (any dtype-like).
+
+    params: the trained variables. frozen: None when `params` is the whole model state, else the rest of the
+    model's state (the base weights under LoRA), with `graphdef` from `nnx.split(model, TRAINABLE, ...)`. Only
+    `params` are differentiated, so no gradient (dW) is computed for frozen weights, and the optimizer state
+    covers `params` alone. reference: for objectives with `uses_reference`, the reference model's values of
+    the trained variables (the frozen rest is shared).
+    batch: dict of [A, B, L] arrays (A = gradient-accumulation micro-batches), see qwax.data.BATCH_KEYS.
+    rng: the step's key; it drives LoRA dropout (qwax.layers.lora.lora_dropout) when adapters have dropout.
+    metrics: the objective's metrics and grad_norm; the caller adds the learning rate from the schedule.
+    """
+    if isinstance(objective, LossWeights):
+        objective = language_model_objective(objective)
+
+    def build(params, frozen):
+        return merge_for_compute(graphdef, params, frozen, compute_dtype)
+
+    def loss(params, frozen, reference, batch, total, n_micro, rng):
+        ref_model = None
+        if objective.uses_reference:
+            ref_model = build(jax.lax.stop_gradient(reference), frozen)
+        with lora_dropout(rng):
+            return objective.terms(build(params, frozen), ref_model, batch, total, n_micro)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def train_step(params, opt_state, batch, rng, frozen=None, reference=None):
+        if objective.uses_reference and reference is None:
+            raise ValueError("this objective needs the reference model's values of the trained variables "
+                             "(reference=...)")
+        n_micro = batch["input_ids"].shape[0]
+        total = objective.totals(batch)
+
+        def micro(carry, xs):
             grads, acc = carry
-            (value, terms), g = grad_fn(params, mb, total_tokens, total_mtp, n_micro)
+            mb, i = xs
+            (value, terms), g = grad_fn(params, frozen, reference, mb, total, n_micro, _fold(rng, i))
             grads = jax.tree.map(jnp.add, grads, g)
-            acc = {k: acc[k] + v for k, v in {**terms, "loss": value}.items()}
+            acc = jax.tree.map(jnp.add, acc, {**terms, "loss": value})
             return (grads, acc), None
 
+        first = jax.tree.map(lambda x: x[0], batch)
         if n_micro == 1:  # no accumulator: adding the gradients to zeros costs a pass over every parameter
-            (value, terms), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), total_tokens, total_mtp,
-                                            n_micro)
-            acc = {**terms, "loss": value}
+            (value, acc), grads = grad_fn(params, frozen, reference, first, total, n_micro, _fold(rng, 0))
+            acc = {**acc, "loss": value}
         else:
-            zero_terms = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "tokens", "aux", "z", "mtp_sum",
-                                                                  "mtp_tokens", "loss")}
-            (grads, acc), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), zero_terms), batch)
+            shapes = jax.eval_shape(lambda: grad_fn(params, frozen, reference, first, total, n_micro, rng)[0])
+            zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), {**shapes[1], "loss": shapes[0]})
+            (grads, acc), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), zero_terms),
+                                           (batch, jnp.arange(n_micro)))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {
-            "loss": acc["loss"],
-            "ce": acc["ce_sum"] / total_tokens,
-            "aux_loss": acc["aux"] / n_micro,
-            "z_loss": acc["z"] / n_micro,
-            "mtp_loss": acc["mtp_sum"] / total_mtp,
-            "grad_norm": optax.tree.norm(grads),
-            "tokens": acc["tokens"],
-        }
+        metrics = {**objective.metrics(acc, total, n_micro), "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, compute_dtype: Any = "float32") -> Callable:
-    """`(params, batch [B, L] arrays) -> (sum of weighted CE, sum of weights)`; compute_dtype as in
-    make_train_step."""
+    """`(params, batch [B, L] arrays, frozen=None) -> (sum of weighted CE, sum of weights)`; compute_dtype,
+    params and frozen as in make_train_step."""
 
-    def eval_step(params, batch):
-        model = nnx.merge(graphdef, cast_for_compute(params, compute_dtype))
+    def eval_step(params, batch, frozen=None):
+        model = merge_for_compute(graphdef, params, frozen, compute_dtype)
         out = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
         return token_cross_entropy(out.logits, batch["targets"], batch["weights"])
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qwax import data as qdata
+from pipeline_checks import assert_resumes_the_same
 
 DOCS = [f"document {i}: " + " ".join(f"word{j % (i + 3)}" for j in range(5 + 7 * i)) for i in range(30)]
 
@@ -83,14 +84,7 @@ def test_iterator_state_restores_the_exact_batch_sequence(tok):
     it = iter(ds)
     for _ in range(7):
         next(it)
-    state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
-    expected = [next(it) for _ in range(20)]  # crosses an epoch boundary (reshuffled)
-    again = iter(ds)
-    again.set_state(state)
-    for x in expected:
-        y = next(again)
-        for k in qdata.BATCH_KEYS:
-            np.testing.assert_array_equal(x[k], y[k])
+    expected = assert_resumes_the_same(ds, it, 20)  # crosses an epoch boundary (reshuffled)
 
 
 def test_processes_read_disjoint_shares(tok):
