@@ -39,6 +39,7 @@ from qwax.convert.keymap import (
 )
 from qwax.convert.placement import HFSource, abstract_model, merge, param_shardings_for, place_from_hf
 from qwax.convert.safetensors_io import CheckpointError, CheckpointReader, atomic_directory, write_checkpoint
+from qwax.layers.lora import LoRAParam
 from qwax.model import QwaxForCausalLM
 from qwax.multimodal.config import MultimodalConfig, is_multimodal_config
 from qwax.multimodal.model import QwaxForConditionalGeneration
@@ -239,8 +240,13 @@ def save_hf(model: Model, path: str | os.PathLike, *, layout: CheckpointLayout |
     `overwrite`, an existing `path` stays whole until then. `extra_files(tmp_dir)` may add files (a tokenizer)
     that must appear together with the weights. layout: as for `hf_tensors` (default: the model type's
     published layout, e.g. Qwen3-Next per expert, Qwen3.5 fused); MTP weights are written when the model has
-    an MTP head.
+    an MTP head. A model with LoRA adapters is refused (a checkpoint has no place for them): save
+    `qwax.merge_lora(model)`, and the adapters with `qwax.save_peft`.
     """
+    if nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        raise ValueError("save_hf: the model has LoRA adapters, which a Hugging Face checkpoint cannot hold; save "
+                         "qwax.merge_lora(model) for the merged weights, and qwax.save_peft(model, dir) for the "
+                         "adapters")
     with atomic_directory(os.fspath(path), overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(_hf_config(model), f, indent=2)

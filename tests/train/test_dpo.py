@@ -68,7 +68,7 @@ def torch_dpo(policy, reference, batch: dict, beta: float):
     chosen, rejected = chosen.detach(), rejected.detach()
     metrics = {"rewards_chosen": float(chosen[valid].mean()), "rewards_rejected": float(rejected[valid].mean()),
                "reward_accuracy": float((chosen > rejected)[valid].float().mean())}
-    return float(loss), metrics, {k: p.grad.detach().numpy().copy() for k, p in policy.named_parameters()}
+    return float(loss.detach()), metrics, {k: p.grad.detach().numpy().copy() for k, p in policy.named_parameters()}
 
 
 @pytest.mark.slow

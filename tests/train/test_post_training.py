@@ -87,7 +87,9 @@ def test_sft_tiny_with_lora_lowers_the_held_out_assistant_loss(sft_run, base):
         adapter = json.load(f)
     assert (adapter["r"], adapter["lora_alpha"], adapter["peft_type"]) == (8, 16, "LORA")
     assert adapter["base_model_name_or_path"] == os.path.abspath(base)
-    assert {"q_proj", "in_proj_qkv", "out_proj", "gate_proj"} <= set(adapter["target_modules"])
+    # Names as PEFT matches them (suffixes of module names, e.g. "self_attn.q_proj").
+    targeted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+    assert {"q_proj", "in_proj_qkv", "out_proj", "gate_proj"} <= targeted
 
 
 @pytest.mark.slow
@@ -253,3 +255,15 @@ def test_lora_step_matches_optax_on_the_adapters_alone():
     expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_save_hf_refuses_a_model_with_adapters_and_takes_the_merged_one(tmp_path):
+    from qwax.convert.hf import save_hf
+
+    model = _tiny_moe()
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
+    with pytest.raises(ValueError, match="merge_lora"):
+        save_hf(model, tmp_path / "adapted")
+    assert not (tmp_path / "adapted").exists()
+    save_hf(qwax.merge_lora(model), tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
