@@ -166,15 +166,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     if isinstance(objective, LossWeights):
         objective = language_model_objective(objective)
 
-    def build(params, frozen):
-        return merge_for_compute(graphdef, params, frozen, compute_dtype)
-
     def loss(params, frozen, reference, batch, total, n_micro, rng):
         ref_model = None
         if objective.uses_reference:
-            ref_model = build(jax.lax.stop_gradient(reference), frozen)
+            ref_model = merge_for_compute(graphdef, jax.lax.stop_gradient(reference), frozen, compute_dtype)
         with lora_dropout(rng):
-            return objective.terms(build(params, frozen), ref_model, batch, total, n_micro)
+            model = merge_for_compute(graphdef, params, frozen, compute_dtype)
+            return objective.terms(model, ref_model, batch, total, n_micro)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
