@@ -35,14 +35,17 @@ from qwax.train.metrics import measure_peak_flops
 B, HK, HV, DK, DV = 1, 4, 8, 128, 128
 
 
-def make_inputs(length: int, seed: int = 0) -> tuple[jax.Array, ...]:
+def make_inputs(length: int, seed: int = 0, heads: tuple[int, int] = (HK, HV), dims: tuple[int, int] = (DK, DV)
+                ) -> tuple[jax.Array, ...]:
+    """Random q, k (L2-normalised), v, g, beta of batch B, `length` tokens, heads (Hk, Hv), dims (dk, dv)."""
+    (hk, hv), (dk, dv) = heads, dims
     ks = jax.random.split(jax.random.key(seed), 5)
     l2norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    q = l2norm(jax.random.normal(ks[0], (B, length, HK, DK)))
-    k = l2norm(jax.random.normal(ks[1], (B, length, HK, DK)))
-    v = jax.random.normal(ks[2], (B, length, HV, DV))
-    g = -jax.nn.softplus(jax.random.normal(ks[3], (B, length, HV)))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, length, HV)))
+    q = l2norm(jax.random.normal(ks[0], (B, length, hk, dk)))
+    k = l2norm(jax.random.normal(ks[1], (B, length, hk, dk)))
+    v = jax.random.normal(ks[2], (B, length, hv, dv))
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (B, length, hv)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, length, hv)))
     return q, k, v, g, beta
 
 

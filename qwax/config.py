@@ -9,7 +9,10 @@ from it; how a model runs (dtypes, kernels, scan, remat) is `qwax.options.RunOpt
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -30,6 +33,168 @@ _ARCHITECTURES = {
 
 class ConfigError(ValueError):
     """A config.json value that qwax cannot represent or does not support."""
+
+
+def _bad(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"config field {key!r} = {value!r}: expected {expected}")
+
+
+# ------------------------------------------------------------------------------------------ rope scaling
+# rope_type values that mean unscaled RoPE ("mrope" is the legacy Qwen2-VL spelling of it).
+UNSCALED_ROPE_TYPES = ("default", "mrope")
+# Scaled types and the rope_parameters keys each reads (beyond rope_type / rope_theta / partial_rotary_factor).
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "truncate"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+}
+REFUSED_ROPE_TYPES = {
+    "dynamic": "dynamic NTK recomputes the frequencies from the longest sequence the module has seen so far "
+               "(state transformers keeps between calls), which a compiled qwax model cannot reproduce; use 'yarn'",
+    "longrope": "LongRoPE needs per-frequency short_factor / long_factor lists, switched by the running sequence "
+                "length, which qwax does not implement; use 'yarn'",
+}
+# Keys every rope_parameters dict may hold whatever its type; they are QwaxConfig fields of their own.
+_BASE_ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
+
+
+def _check_scaled_rope_type(rope_type: Any) -> None:
+    """ConfigError naming `rope_type` unless it is one qwax scales (saying why for the ones it refuses)."""
+    if rope_type in REFUSED_ROPE_TYPES:
+        raise ConfigError(f"config field 'rope_parameters.rope_type' = {rope_type!r} is not supported: "
+                          f"{REFUSED_ROPE_TYPES[rope_type]}")
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise _bad("rope_parameters.rope_type", rope_type,
+                   f"one of {list(UNSCALED_ROPE_TYPES + tuple(ROPE_SCALING_KEYS))}")
+
+
+def _unused_key(key: str, value: Any, rope_type: str) -> ConfigError:
+    return ConfigError(f"config field 'rope_parameters.{key}' = {value!r}: rope_type {rope_type!r} has no such "
+                       f"key (it reads {list(ROPE_SCALING_KEYS[rope_type])}); remove it or change the type")
+
+
+def _number(key: str, value: Any, expected: str = "a number", positive: bool = False) -> float:
+    """`value` as a float; ConfigError naming `key` for a non-number (bools and strings included) or, with
+    `positive`, a number <= 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise _bad(key, value, expected)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How a long-context checkpoint scales its rotary frequencies: the `rope_parameters` of its config.json
+    beyond rope_theta / partial_rotary_factor / M-RoPE, with transformers' defaults. qwax.layers.rope_scaling
+    turns it into inverse frequencies and a cos/sin factor (docs/model.md, "Long context").
+
+    linear: every inverse frequency is divided by `factor`.
+    yarn: frequencies that turn fewer than `beta_slow` times over `original_max_position_embeddings` positions
+      are divided by `factor`, those turning more than `beta_fast` times are kept, a linear ramp blends between;
+      cos and sin are multiplied by `attention_factor` (default 0.1 ln(factor) + 1, or the ratio of the mscale
+      terms when both `mscale` and `mscale_all_dim` are set). `truncate` rounds the ramp's ends to whole dims.
+    llama3: wavelengths longer than original / low_freq_factor are divided by `factor`, shorter than original /
+      high_freq_factor kept, and smoothly interpolated in between.
+    """
+
+    rope_type: str
+    factor: float
+    # yarn, llama3: the pretraining context length (QwaxConfig fills in its max_position_embeddings when None).
+    original_max_position_embeddings: int | None = None
+    # yarn only.
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    # llama3 only (required there).
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        t = self.rope_type
+        _check_scaled_rope_type(t)
+        used = ROPE_SCALING_KEYS[t]
+        for f in dataclasses.fields(self):
+            if f.name not in ("rope_type",) + used and getattr(self, f.name) != f.default:
+                raise _unused_key(f.name, getattr(self, f.name), t)
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("factor", _number("rope_parameters.factor", self.factor,
+                              "a number > 0 (the context-length scale factor)", positive=True))
+        orig = self.original_max_position_embeddings
+        if orig is not None:
+            if isinstance(orig, float) and orig.is_integer():
+                orig = int(orig)  # 262144.0 from a JSON writer that spells every number as a float
+            if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+                raise _bad("rope_parameters.original_max_position_embeddings", orig, "a positive integer")
+            put("original_max_position_embeddings", orig)
+        if t == "yarn":
+            for name in ("beta_fast", "beta_slow"):
+                put(name, _number(f"rope_parameters.{name}", getattr(self, name), "a number > 0", positive=True))
+            if self.beta_fast < self.beta_slow:
+                raise _bad("rope_parameters.beta_fast", self.beta_fast, f">= beta_slow = {self.beta_slow}")
+            if self.attention_factor is not None:
+                put("attention_factor", _number("rope_parameters.attention_factor", self.attention_factor,
+                                                "a number > 0 (the cos/sin multiplier), or null", positive=True))
+            for name in ("mscale", "mscale_all_dim"):
+                if getattr(self, name) is not None:
+                    put(name, _number(f"rope_parameters.{name}", getattr(self, name), "a number, or null"))
+            if not isinstance(self.truncate, bool):
+                raise _bad("rope_parameters.truncate", self.truncate, "true or false")
+        if t == "llama3":
+            need = "a number (llama3 needs low_freq_factor and high_freq_factor)"
+            low = _number("rope_parameters.low_freq_factor", self.low_freq_factor, need)
+            high = _number("rope_parameters.high_freq_factor", self.high_freq_factor, need)
+            if high <= low:
+                raise _bad("rope_parameters.high_freq_factor", high, f"> low_freq_factor = {low}")
+            put("low_freq_factor", low)
+            put("high_freq_factor", high)
+
+    @classmethod
+    def from_hf(cls, rope: Mapping[str, Any], max_position_embeddings: int,
+                original_max_position_embeddings: int | None = None) -> "RopeScaling | None":
+        """The scaling a transformers `rope_parameters` dict asks for; None for unscaled RoPE.
+
+        `original_max_position_embeddings` (yarn, llama3) comes from the dict, else `max_position_embeddings`, as in
+        transformers; a top-level config field of that name (pass it as `original_max_position_embeddings`) takes
+        precedence, as transformers gives it when it builds the model. Keys this type does not read raise.
+        """
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in UNSCALED_ROPE_TYPES:
+            return None
+        _check_scaled_rope_type(rope_type)
+        used = ROPE_SCALING_KEYS[rope_type]
+        extra = sorted(set(rope) - set(used) - set(_BASE_ROPE_KEYS))
+        if extra:
+            raise _unused_key(extra[0], rope[extra[0]], rope_type)
+        # transformers reads a null beta / attention factor / mscale as absent.
+        kwargs = {k: rope[k] for k in used if rope.get(k) is not None}
+        if "factor" not in kwargs:
+            raise _bad("rope_parameters.factor", rope.get("factor"),
+                       f"a number > 0: rope_type {rope_type!r} needs the context-length scale factor")
+        if "truncate" in rope and rope["truncate"] is None:
+            raise _bad("rope_parameters.truncate", None, "true or false")
+        if "original_max_position_embeddings" in used:
+            if original_max_position_embeddings is not None:
+                kwargs["original_max_position_embeddings"] = original_max_position_embeddings
+            kwargs.setdefault("original_max_position_embeddings", max_position_embeddings)
+        return cls(rope_type=rope_type, **kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The rope_parameters keys of this scaling (rope_type, factor, and every other field it reads that is not
+        at transformers' default)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ROPE_SCALING_KEYS[self.rope_type]:
+            value = getattr(self, name)
+            if value != defaults[name] or name in ("factor", "original_max_position_embeddings"):
+                out[name] = value
+        return out
 
 
 @dataclass(frozen=True)
@@ -72,6 +237,8 @@ class QwaxConfig:
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, ...] = ()  # Qwen3.5 multimodal sections (T, H, W); empty for Qwen3-Next
     mrope_interleaved: bool = False
+    # Long-context frequency scaling (yarn, linear, llama3); None: plain RoPE. A dict is read as rope_parameters.
+    rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 262144
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -94,14 +261,20 @@ class QwaxConfig:
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        scaling = self.rope_scaling
+        if isinstance(scaling, Mapping):
+            scaling = RopeScaling.from_hf(scaling, self.max_position_embeddings)
+        if (isinstance(scaling, RopeScaling) and scaling.original_max_position_embeddings is None
+                and "original_max_position_embeddings" in ROPE_SCALING_KEYS[scaling.rope_type]):
+            # As transformers: an unstated pretraining length is the config's own maximum.
+            scaling = dataclasses.replace(scaling, original_max_position_embeddings=self.max_position_embeddings)
+        object.__setattr__(self, "rope_scaling", scaling)
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value qwax cannot run."""
-        def bad(key: str, value: Any, expected: str) -> ConfigError:
-            return ConfigError(f"config field {key!r} = {value!r}: expected {expected}")
-
+        bad = _bad
         if self.model_type not in MODEL_TYPES:
             raise bad("model_type", self.model_type, f"one of {MODEL_TYPES}")
         if len(self.layer_types) != self.num_hidden_layers:
@@ -121,6 +294,8 @@ class QwaxConfig:
                       f"a factor giving an even rotary dim in (0, head_dim={self.head_dim}]")
         if self.mrope_section and sum(self.mrope_section) != rot // 2:
             raise bad("mrope_section", list(self.mrope_section), f"sections summing to rotary_dim/2 = {rot // 2}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise bad("rope_scaling", self.rope_scaling, "a qwax.config.RopeScaling, a rope_parameters dict, or None")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise bad("num_experts_per_tok", self.num_experts_per_tok, f"in [1, num_experts={self.num_experts}]")
         if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)) and self.intermediate_size <= 0:
@@ -263,17 +438,15 @@ class QwaxConfig:
         if cfg.get("attention_bias", False):
             raise ConfigError("config field 'attention_bias' = True: Qwen3.5 attention has no biases")
 
-        rope = dict(cfg.get("rope_parameters") or {})
-        legacy = cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
-        if rope_type not in ("default", "mrope"):
-            raise ConfigError(f"config field 'rope_parameters.rope_type' = {rope_type!r}: only 'default' is supported")
+        rope = _rope_parameters(cfg)
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))
-        mrope_section = rope.get("mrope_section", legacy.get("mrope_section"))
+        mrope_section = rope.get("mrope_section")
         if mrope_section is None and model_type != "qwen3_next":
             mrope_section = [11, 11, 10]  # transformers' default for Qwen3.5
-        mrope_interleaved = rope.get("mrope_interleaved", legacy.get("mrope_interleaved", model_type != "qwen3_next"))
+        mrope_interleaved = rope.get("mrope_interleaved", model_type != "qwen3_next")
+        max_len = cfg.get("max_position_embeddings", cls.max_position_embeddings)
+        scaling = RopeScaling.from_hf(rope, max_len, cfg.get("original_max_position_embeddings"))
 
         _reject_run_options(overrides, "QwaxConfig.from_hf")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -281,6 +454,7 @@ class QwaxConfig:
         kwargs.update(
             model_type=model_type, rope_theta=float(theta), partial_rotary_factor=float(partial),
             mrope_section=tuple(mrope_section or ()), mrope_interleaved=bool(mrope_interleaved),
+            rope_scaling=scaling,
         )
         if model_type == "qwen3_5_text":
             kwargs["num_experts"] = 0
@@ -296,6 +470,8 @@ class QwaxConfig:
                                 "partial_rotary_factor": self.partial_rotary_factor}
         if self.mrope_section:
             rope.update(mrope_section=list(self.mrope_section), mrope_interleaved=self.mrope_interleaved)
+        if self.rope_scaling is not None:
+            rope.update(self.rope_scaling.to_hf())
         out: dict[str, Any] = {
             "architectures": [_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
@@ -359,6 +535,20 @@ def _reject_run_options(kwargs: Mapping[str, Any], where: str) -> None:
                           f"qwax.RunOptions({run[0]}=...) to the model (or to load_hf) instead")
 
 
+def _rope_parameters(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The rope dict transformers builds the rotary embedding from: a non-empty legacy `rope_scaling` replaces
+    `rope_parameters` whole (transformers' rule; keys it lacks fall back to the top-level fields and defaults)."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling")
+    if legacy:
+        if rope and rope != dict(legacy):
+            warnings.warn(f"config has both rope_scaling {dict(legacy)} and rope_parameters {rope}: rope_scaling "
+                          "replaces rope_parameters, as in transformers (put everything in rope_parameters)",
+                          stacklevel=3)
+        rope = dict(legacy)
+    return rope
+
+
 def _preset(**kw: Any) -> QwaxConfig:
     return QwaxConfig(**kw)
 
@@ -420,6 +610,81 @@ PRESETS: dict[str, QwaxConfig] = {
         linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=32, intermediate_size=64, max_position_embeddings=4096),
 }
+
+
+def rope_overrides(cfg: QwaxConfig, rope_scaling: str | None = None,
+                   rope_parameters: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The QwaxConfig field overrides (for `QwaxConfig.from_hf` / `qwax.load_hf(path, **overrides)`) that change
+    the rotary embedding of `cfg`, a checkpoint's config, without editing its config.json.
+
+    rope_scaling: "TYPE:FACTOR" (e.g. "yarn:4"): that scaling, with original_max_position_embeddings the
+      checkpoint's own pretraining length (its original_max_position_embeddings if it is scaled already, else its
+      max_position_embeddings).
+    rope_parameters: a JSON object (text or dict) merged over the checkpoint's rope_parameters after rope_scaling
+      (a null value deletes a key), like vLLM's --hf-overrides; e.g. '{"beta_fast": 16}'.
+    A new rope_type starts from the checkpoint's rope_theta, partial_rotary_factor and M-RoPE keys only. With
+    scaling, max_position_embeddings becomes factor x the pretraining length; without, the pretraining length.
+    Raises ConfigError naming the flag or the rope_parameters field and what was expected.
+    """
+    hf = cfg.to_hf()
+    rope: dict[str, Any] = dict(hf["rope_parameters"])
+    scaled = cfg.rope_scaling
+    pretrain_len = cfg.max_position_embeddings
+    if scaled is not None and scaled.original_max_position_embeddings is not None:
+        pretrain_len = scaled.original_max_position_embeddings
+
+    def retype(new_type: Any) -> None:
+        if new_type != rope.get("rope_type"):
+            for key in [k for k in rope if k not in _BASE_ROPE_KEYS]:
+                del rope[key]
+            rope["rope_type"] = new_type
+
+    if rope_scaling is not None:
+        rope_type, sep, factor_text = str(rope_scaling).partition(":")
+        rope_type = rope_type.strip().lower()
+        if not sep or not factor_text.strip():
+            raise ConfigError(f"--rope-scaling {rope_scaling!r}: expected TYPE:FACTOR, e.g. yarn:4 (types "
+                              f"{list(ROPE_SCALING_KEYS)})")
+        try:
+            factor = float(factor_text)
+        except ValueError:
+            raise ConfigError(f"--rope-scaling {rope_scaling!r}: the factor {factor_text!r} is not a number "
+                              "(expected TYPE:FACTOR, e.g. yarn:4)") from None
+        _check_scaled_rope_type(rope_type)
+        retype(rope_type)
+        rope["factor"] = factor
+        if "original_max_position_embeddings" in ROPE_SCALING_KEYS[rope_type]:
+            rope["original_max_position_embeddings"] = pretrain_len
+    if rope_parameters is not None:
+        patch: Any = rope_parameters
+        if isinstance(patch, str):
+            try:
+                patch = json.loads(patch)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--rope-parameters {rope_parameters!r}: not JSON ({e})") from None
+        if not isinstance(patch, Mapping):
+            raise ConfigError(f"--rope-parameters {rope_parameters!r}: expected a JSON object, e.g. "
+                              '\'{"rope_type": "yarn", "factor": 4.0}\'')
+        if "rope_type" in patch or "type" in patch:
+            retype(patch.get("rope_type", patch.get("type")))
+        for key, value in patch.items():
+            if value is None:
+                rope.pop(key, None)
+            elif key != "type":
+                rope[key] = value
+    new_type = rope.get("rope_type", "default")
+    if new_type in ROPE_SCALING_KEYS and "original_max_position_embeddings" in ROPE_SCALING_KEYS[new_type]:
+        rope.setdefault("original_max_position_embeddings", pretrain_len)
+    hf["rope_parameters"] = rope
+    new = QwaxConfig.from_hf(hf)
+    if new.rope_scaling is None:
+        max_len = pretrain_len
+    else:
+        base = new.rope_scaling.original_max_position_embeddings or pretrain_len
+        max_len = int(new.rope_scaling.factor * base)
+    new = new.replace(max_position_embeddings=max_len)
+    return {f.name: getattr(new, f.name) for f in dataclasses.fields(QwaxConfig)
+            if getattr(new, f.name) != getattr(cfg, f.name)}
 
 
 def get_preset(name: str, **overrides: Any) -> QwaxConfig:

@@ -69,6 +69,10 @@ class QwaxForCausalLM(nnx.Module):
             check_token_ids(input_ids, self.config.vocab_size)
         table = self.embed_tokens[...]
         x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        # Look rows up where the table's columns live (hidden dim split as the table's "embed"), then let the
+        # layers' constraint move tokens to their shards: a direct gather into sequence-split hidden states is
+        # one GSPMD cannot partition (it would replicate [B, L, H]) once "length" is sharded over context.
+        x = constrain(x, ("batch", None, "embed"))
         return x.astype(self.options.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

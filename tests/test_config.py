@@ -95,7 +95,8 @@ def test_bad_run_options_name_the_option():
 @pytest.mark.parametrize("patch, message", [
     ({"model_type": "llama"}, "model_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_type"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "'rope_parameters.factor' = None"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'rope_parameters.rope_type' = 'dynamic'"),
     ({"layer_types": ["sliding_attention"] * 48}, "layer_types"),
     ({"num_key_value_heads": 3}, "num_attention_heads"),
 ])

@@ -7,8 +7,31 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
+
+
+def add_rope_arguments(p: argparse.ArgumentParser) -> None:
+    """--rope-scaling / --rope-parameters: long-context rope scaling without editing the checkpoint's config.json
+    (qwax.config.rope_overrides; `qwax generate`, `qwax serve` and `qwax chat` take them)."""
+    p.add_argument("--rope-scaling", metavar="TYPE:FACTOR", default=None,
+                   help="scale the rotary frequencies: yarn:4 (Qwen3.5's 1M-token recipe), linear:F, llama3:F "
+                        "(with low/high_freq_factor in --rope-parameters). The original length is the "
+                        "checkpoint's max_position_embeddings; the new maximum is FACTOR times it")
+    p.add_argument("--rope-parameters", metavar="JSON", default=None,
+                   help="a JSON object merged over the checkpoint's rope_parameters after --rope-scaling (null "
+                        "deletes a key), as vLLM's --hf-overrides; e.g. '{\"beta_fast\": 16}'")
+
+
+def rope_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The QwaxConfig overrides that --rope-scaling / --rope-parameters ask of `args.checkpoint` ({} without
+    them), for `qwax.load_hf(path, **overrides)`. Raises ConfigError (a ValueError) naming the flag or field."""
+    if args.rope_scaling is None and args.rope_parameters is None:
+        return {}
+    from qwax.config import QwaxConfig, rope_overrides
+
+    return rope_overrides(QwaxConfig.from_hf(args.checkpoint), args.rope_scaling, args.rope_parameters)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_rope_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -40,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qwax generate: checkpoint directory {args.checkpoint!r} does not exist", file=sys.stderr)
         return 2
     try:
+        overrides = rope_config_overrides(args)
         tokenizer = load_tokenizer(args.checkpoint)
         defaults = load_generation_config(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
@@ -52,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"qwax generate: {e}", file=sys.stderr)
         return 2
-    model = qwax.load_hf(args.checkpoint, dtype=args.dtype)
+    model = qwax.load_hf(args.checkpoint, dtype=args.dtype, **overrides)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         print("qwax generate: the prompt encodes to no tokens", file=sys.stderr)

@@ -18,9 +18,10 @@ from qwax.layers.common import Linear
 from qwax.layers.norms import RMSNorm
 from qwax.layers.rotary import apply_rotary
 from qwax.options import RunOptions
-from qwax.pallas_kernels.attention import K_DIMS, V_DIMS, attention, kv_cache_shapes
+from qwax.pallas_kernels.attention import K_DIMS, V_DIMS, kv_cache_shapes
 from qwax.pallas_kernels.attention import attend_cache as attend_cache_op
 from qwax.pallas_kernels.attention import write_kv as write_kv_op
+from qwax.sharding.context_parallel import attention, cached_attention
 
 # Logical axis name (qwax.sharding rules) of each dim of the attention op's cache arrays.
 _CACHE_AXES = {"batch": "cache_batch", "kv_heads": "cache_kv_heads", "slots": "cache_len", "head_dim": None}
@@ -108,10 +109,12 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                  cache: KVCache | None = None, cache_index: jax.Array | None = None,
                  valid: jax.Array | None = None, kv_valid: jax.Array | None = None,
-                 cache_group: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache_group: jax.Array | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         """x [B, L, H], cos/sin [B, L, rotary_dim] -> (y [B, L, H], updated cache or None).
 
-        Without a cache, mask [B, L, L] bool (causal). With one, the new keys/values are written at slots
+        Without a cache, mask [B, L, L] bool (causal), built from valid [B, L] and segment_ids [B, L] (which
+        context parallelism reads instead of the mask, qwax.sharding.context_parallel). With one, the new keys/values are written at slots
         [cache_index, cache_index + L) (of stack entry `cache_group` when the cache is stacked over layer groups)
         and the queries attend over the filled slots that kv_valid [B, T] marks; mask is unused. valid [B, L]
         marks real tokens: padding slots hold zeros, so a cache does not depend on how a prompt was chunked.
@@ -119,10 +122,11 @@ class Attention(nnx.Module):
         b, l, _ = x.shape
         q, k, v, gate = self.project_qkv(x, cos, sin)
         if cache is None:
-            out = attention(q, k, v, mask, impl=self.impl).reshape(b, l, -1)
+            out = attention(q, k, v, mask, kv_valid=valid, segment_ids=segment_ids, impl=self.impl).reshape(b, l, -1)
         else:
             if valid is not None:
                 k, v = (jnp.where(valid[:, :, None, None], t, 0) for t in (k, v))
-            cache = write_kv(cache, k, v, cache_index, cache_group)
-            out = attend_cache(q, cache, kv_valid, cache_index, cache_group, impl=self.impl)
+            out, k_cache, v_cache = cached_attention(q, k, v, cache.k, cache.v, kv_valid, cache_index, cache_group,
+                                                     impl=self.impl)
+            cache, out = KVCache(k_cache, v_cache), out.reshape(b, l, -1)
         return self.o_proj(out * jax.nn.sigmoid(gate)), cache

@@ -82,7 +82,7 @@ class DecoderLayer(nnx.Module):
             cache = None if cache is None else state
         else:
             h, cache = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache, ctx.cache_index,
-                                         ctx.valid, ctx.kv_valid, ctx.cache_group)
+                                      ctx.valid, ctx.kv_valid, ctx.cache_group, ctx.segment_ids)
         x = x + h
         h = self.post_attention_layernorm(x)
         if self.ffn == "moe":

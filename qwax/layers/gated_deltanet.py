@@ -21,8 +21,8 @@ from qwax.config import QwaxConfig
 from qwax.layers.common import Linear, param
 from qwax.layers.norms import GatedRMSNorm
 from qwax.options import RunOptions
-from qwax.pallas_kernels.causal_conv import causal_depthwise_conv
-from qwax.pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+from qwax.pallas_kernels.gated_delta_rule import gated_delta_rule_step
+from qwax.sharding.context_parallel import causal_depthwise_conv, gated_delta_rule
 
 
 class GDNState(NamedTuple):

@@ -3,6 +3,8 @@
 Only the first `rotary_dim = partial_rotary_factor * head_dim` dims of each head rotate (rotate-half pairs
 (j, j + rotary_dim/2)); the rest pass through. Qwen3.5 builds the angle of frequency j from the T, H or W position
 row chosen by j % 3 (sections `mrope_section`); for text all three rows are equal and this reduces to 1D RoPE.
+Long-context scaling (`cfg.rope_scaling`: yarn, linear, llama3) changes the inverse frequencies and multiplies cos
+and sin by an attention factor (qwax.layers.rope_scaling); the rotation itself is unchanged.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from qwax.config import QwaxConfig
+from qwax.layers.rope_scaling import rope_frequencies
 
 
 def inverse_frequencies(cfg: QwaxConfig) -> jax.Array:
-    """[rotary_dim / 2] float32 inverse frequencies theta^(-2i / rotary_dim)."""
-    dim = cfg.rotary_dim
-    return 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    """[rotary_dim / 2] float32 inverse frequencies: theta^(-2i / rotary_dim), scaled by `cfg.rope_scaling`."""
+    return jnp.asarray(rope_frequencies(cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)[0])
 
 
 def mrope_axis_of_frequency(cfg: QwaxConfig) -> jax.Array:
@@ -34,18 +36,24 @@ def mrope_axis_of_frequency(cfg: QwaxConfig) -> jax.Array:
 def rotary_cos_sin(positions: jax.Array, cfg: QwaxConfig, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, L, rotary_dim] in `dtype` (built in float32, then cast, as the reference does).
 
-    positions: [B, L] text positions, or [3, B, L] (T, H, W) multimodal positions.
+    positions: [B, L] text positions, or [3, B, L] (T, H, W) multimodal positions. Under YaRN cos and sin are both
+    multiplied by its attention factor (in float32, before the cast), so q.k of the rotated dims scales by its
+    square.
     """
     if positions.ndim == 2:
         positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
-    angles = positions[..., None].astype(jnp.float32) * inverse_frequencies(cfg)  # [3, B, L, rot/2]
+    inv_freq, scale = rope_frequencies(cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [3, B, L, rot/2]
     if cfg.mrope_section and cfg.mrope_interleaved:
         rows = mrope_axis_of_frequency(cfg)[None, None, None, :]  # [1, 1, 1, rot/2]
         angles = jnp.take_along_axis(angles, rows, axis=0)[0]  # a gather, exact on every backend
     else:
         angles = angles[0]
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import TextIO
 
+from qwax.inference.cli import add_rope_arguments, rope_config_overrides
+
 DIM, RESET = "\033[2m", "\033[0m"
 
 
@@ -37,13 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--presence-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (the checkpoint's), float32, bfloat16")
+    add_rope_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     from qwax.inference.chat_template import ChatTemplateError
     from qwax.inference.reasoning import ReasoningStream, think_open
-    from qwax.inference.sampling import SamplingParams
     from qwax.serve.loading import load_served
     from qwax.serve.scheduler import Job
 
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
         print(f"qwax chat: --max-tokens must be >= 1, got {args.max_tokens}", file=sys.stderr)
         return 2
     try:
-        served = load_served(args.checkpoint, dtype=args.dtype, max_batch=1, batch_window_s=0.0)
+        served = load_served(args.checkpoint, dtype=args.dtype, max_batch=1, batch_window_s=0.0,
+                             **rope_config_overrides(args))
         if served.chat_template is None:
             raise ValueError(f"{args.checkpoint} has no chat template (chat_template.jinja or tokenizer_config."
                              "json's chat_template); use `qwax generate` for raw text")

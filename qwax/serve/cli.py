@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from qwax.inference.cli import add_rope_arguments, rope_config_overrides
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -29,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="output budget of a request that sets no max_tokens (default 1024; capped by the context)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (4 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_rope_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                         level=getattr(logging, args.log_level.upper()))
     try:
         served = load_served(args.checkpoint, dtype=args.dtype, max_batch=args.max_batch,
-                             batch_window_s=args.batch_window_ms / 1000)
+                             batch_window_s=args.batch_window_ms / 1000, **rope_config_overrides(args))
     except (FileNotFoundError, ValueError) as e:
         print(f"qwax serve: {e}", file=sys.stderr)
         return 2

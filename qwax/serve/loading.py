@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 from qwax.convert.hf import load_hf
 from qwax.inference.chat_template import ChatTemplate, ChatTemplateError
@@ -16,14 +17,15 @@ from qwax.serve.scheduler import Scheduler
 
 
 def load_served(checkpoint: str | os.PathLike, *, dtype: str = "auto", max_batch: int = 8,
-                batch_window_s: float = 0.001) -> ServedModel:
+                batch_window_s: float = 0.001, **config_overrides: Any) -> ServedModel:
     """Load `checkpoint` for serving. Raises FileNotFoundError / ValueError naming a missing or malformed file.
 
-    A checkpoint without a chat template still serves /v1/completions (chat requests get a 400)."""
+    A checkpoint without a chat template still serves /v1/completions (chat requests get a 400).
+    config_overrides: QwaxConfig fields for `load_hf` (e.g. the rope scaling of `qwax.config.rope_overrides`)."""
     checkpoint = os.fspath(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     defaults = load_generation_config(checkpoint)
-    model = load_hf(checkpoint, dtype=dtype)
+    model = load_hf(checkpoint, dtype=dtype, **config_overrides)
     cfg = model.config
     try:
         ChatTemplate.from_checkpoint(checkpoint)

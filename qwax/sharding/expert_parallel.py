@@ -1,7 +1,7 @@
 """Expert parallelism: routed experts sharded over the `expert` mesh axis, tokens moved with all_to_all.
 
 With `ep` expert shards, shard r holds experts [r * E/ep, (r+1) * E/ep). Inside a shard_map over the whole mesh
-each device holds its own tokens (the batch is split over data x fsdp x expert) and:
+each device holds its own tokens (the batch is split over data x fsdp x expert, and each row over context) and:
 
   1. dispatch: lays its token-slots (token, choice) out in a send buffer [ep, C, H], block d holding the slots
      routed to experts of shard d (in slot order), and exchanges the blocks with `all_to_all` over `expert`;
@@ -79,7 +79,8 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weights: jax.Arra
     # [E, H, 2, I]: splitting I over tensor keeps each rank's gate and up columns together.
     w_gate_up = w_gate_up.reshape(e, h, 2, i)
     w_specs = (P("expert", None, None, tensor), P("expert", tensor, None))
-    token_axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    # Tokens [B * L] come split over the batch axes and, with context parallelism, over context within a row.
+    token_axes = tuple(a for a in BATCH_AXES + ("context",) if sizes.get(a, 1) > 1)
     shards = math.prod(sizes[a] for a in token_axes)
 
     def local_weights(wgu, wd):

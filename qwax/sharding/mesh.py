@@ -1,9 +1,11 @@
 """Device meshes from a short spec string: "data=2,fsdp=2,expert=2,tensor=1", "fsdp=-1" or "auto".
 
-qwax meshes always carry the four axes of `MESH_AXES`, in that order (outermost first), so the rule tables can
+qwax meshes always carry the five axes of `MESH_AXES`, in that order (outermost first), so the rule tables can
 name them whether or not a strategy uses them; an axis left out of the spec has size 1. Tensor parallelism is the
 innermost axis because it communicates most (every layer, activations), data parallelism the outermost because it
-communicates least (once per step, gradients).
+communicates least (once per step, gradients). `context` splits the sequence (context parallelism,
+qwax.sharding.context_parallel): it exchanges a state or KV blocks with its neighbours in every mixer layer, so
+it sits inside the batch axes and outside tensor.
 
 Several slices (TPU multislice, or several GPU hosts joined by a slower network): `dcn=N` in the spec says that
 the devices form N slices joined by the data-centre network. The DCN factor multiplies the outermost axis named
@@ -23,13 +25,14 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-# Axes over which a batch of tokens is split (every axis except tensor: tensor ranks share their tokens).
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+# Axes over which the rows of a batch are split (context splits each row's tokens instead; tensor ranks share
+# their tokens).
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def parse_mesh_spec(spec: str | dict[str, int], num_devices: int | None = None) -> dict[str, int]:
-    """"data=2,fsdp=-1" -> {"data": 2, "fsdp": N/2, "expert": 1, "tensor": 1, "dcn": 1}.
+    """"data=2,fsdp=-1" -> {"data": 2, "fsdp": N/2, "expert": 1, "context": 1, "tensor": 1, "dcn": 1}.
 
     One axis may be -1: it takes the devices the others leave. "auto" puts every device on fsdp (fully sharded
     data parallelism: the strategy that fits the largest model without changing the layers' math), and, when the
@@ -42,7 +45,7 @@ def parse_mesh_spec(spec: str | dict[str, int], num_devices: int | None = None) 
         if num_devices is None:
             num_devices = jax.device_count()
         slices = num_slices()
-        return {"data": slices, "fsdp": num_devices // slices, "expert": 1, "tensor": 1, "dcn": slices}
+        return {"data": slices, "fsdp": num_devices // slices, "expert": 1, "context": 1, "tensor": 1, "dcn": slices}
     else:
         items = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):

@@ -16,14 +16,19 @@ model code, because the layers import it.
 Parameters of the scanned layer stack carry one extra leading dim (the layer-group axis) that is not in their
 `logical_axes`; it is named "layers" here and never sharded (no pipeline parallelism).
 
-Strategies (mesh axes data, fsdp, expert, tensor; an axis a strategy does not use should have size 1, or it
-becomes one more data-parallel axis):
+Strategies (mesh axes data, fsdp, expert, context, tensor; an axis a strategy does not use should have size 1,
+or it becomes one more data-parallel axis):
   fsdp        ZeRO-3: every weight sharded on its "embed" dim over fsdp; batch over data x fsdp.
   fsdp_tp     + tensor parallelism (Megatron): heads, MLP widths and the vocabulary over tensor.
   fsdp_ep     + expert parallelism: experts over expert; the expert axis also shards the batch and the dense
               weights (it is a data axis for everything but the routed experts); tokens reach their experts
               through all_to_all (qwax.sharding.expert_parallel).
   fsdp_ep_tp  both: experts over expert, each expert's width over tensor.
+
+Every strategy also shards the sequence over `context` when the mesh has that axis (context parallelism:
+"length" of activations and batches, "cache_len" of KV caches; qwax.sharding.context_parallel runs the Gated
+DeltaNet and attention mixers across it), and the weights' "embed" dim over it as well, as over fsdp: the
+context ranks hold different tokens, so for the weights they are one more data-parallel axis.
 
 Activations and caches use the same mechanism with their own names (ACTIVATION_NAMES, CACHE_NAMES).
 """
@@ -65,7 +70,8 @@ _TENSOR_ACTS = ("act_heads", "act_kv_heads", "act_mlp", "act_vocab", "cache_head
 
 def _table(embed: tuple[str, ...], experts: tuple[str, ...], tensor: bool) -> dict[str, tuple[str, ...]]:
     rules: dict[str, tuple[str, ...]] = {name: () for name in PARAM_NAMES + ACTIVATION_NAMES + CACHE_NAMES}
-    rules.update(embed=embed, mtp_concat=(), experts=experts, batch=BATCH_AXES, cache_batch=BATCH_AXES)
+    rules.update(embed=embed + ("context",), mtp_concat=(), experts=experts, batch=BATCH_AXES,
+                 cache_batch=BATCH_AXES, length=("context",), cache_len=("context",))
     if tensor:
         for name in _TENSOR_PARAMS + _TENSOR_ACTS + ("expert_mlp",):
             rules[name] = ("tensor",)
@@ -144,7 +150,8 @@ def partition_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...],
             if size == 1 or axis in used:
                 continue
             if dim % (product * size):
-                _report_drop(name, dim, axis, size, tuple(chosen))
+                if dim > 1:  # a single entry (one decoded token, one row) has nothing to split: no warning
+                    _report_drop(name, dim, axis, size, tuple(chosen))
                 break
             chosen.append(axis)
             product *= size

@@ -44,5 +44,10 @@ def test_prefill_continuation_reads_the_conv_history():
     np.testing.assert_allclose(np.asarray(jnp.concatenate([first, second], 1)), np.asarray(whole), atol=1e-5)
 
 
-def test_the_layer_module_still_exports_the_op():
-    assert causal_depthwise_conv is conv_op
+def test_the_layer_modules_conv_is_the_op_outside_a_context_mesh():
+    # The layer calls qwax.sharding.context_parallel's entry, which is the op itself without a context axis.
+    rng = np.random.default_rng(3)
+    x, kernel, history = rng.normal(size=(2, 9, 6)), rng.normal(size=(6, 4)), rng.normal(size=(2, 3, 6))
+    seg = np.repeat(np.array([[0] * 5 + [1] * 4]), 2, axis=0)
+    for s in (None, seg):
+        np.testing.assert_array_equal(causal_depthwise_conv(x, kernel, history, s), conv_op(x, kernel, history, s))

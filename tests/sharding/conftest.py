@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ import pytest
 WORKER = Path(__file__).with_name("sharding_worker.py")
 
 
-def start_worker(*args: str) -> subprocess.Popen:
+def start_worker(*args: str, script: Path = WORKER) -> subprocess.Popen:
+    """Start `python SCRIPT JOB [ARGS]` (default sharding_worker.py; other worker scripts in this directory reuse
+    its helpers by importing it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -38,8 +41,14 @@ def finish_worker(proc: subprocess.Popen, timeout: float = 900) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def run_worker(*args: str, timeout: float = 900) -> dict:
-    return finish_worker(start_worker(*args), timeout)
+def run_worker(*args: str, timeout: float = 900, script: Path = WORKER) -> dict:
+    return finish_worker(start_worker(*args, script=script), timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -50,5 +59,6 @@ def eight_devices() -> dict:
 
 @pytest.fixture(scope="session")
 def workers():
-    """`workers.start(job, *args) -> Popen` and `workers.finish(popen) -> dict` for tests that run several jobs."""
-    return SimpleNamespace(start=start_worker, finish=finish_worker)
+    """`workers.start(job, *args, script=...) -> Popen`, `workers.finish(popen) -> dict`, `workers.run(job, *args,
+    script=...) -> dict` and `workers.free_port()` for tests that run jobs of their own."""
+    return SimpleNamespace(start=start_worker, finish=finish_worker, run=run_worker, free_port=free_port)

@@ -8,8 +8,8 @@ from qwax.sharding.mesh import mesh_sizes
 
 def test_spec_lists_all_axes_in_mesh_order_with_missing_axes_of_size_1():
     sizes = parse_mesh_spec("expert=2,data=2,fsdp=2", num_devices=8)
-    assert sizes == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1, "dcn": 1}
-    assert MESH_AXES == ("data", "fsdp", "expert", "tensor")
+    assert sizes == {"data": 2, "fsdp": 2, "expert": 2, "context": 1, "tensor": 1, "dcn": 1}
+    assert MESH_AXES == ("data", "fsdp", "expert", "context", "tensor")
 
 
 def test_minus_one_takes_the_remaining_devices():
@@ -37,4 +37,4 @@ def test_bad_specs_name_the_problem(spec, message):
 def test_abstract_mesh_for_a_pod_needs_no_devices():
     mesh = abstract_mesh("data=2,fsdp=32,expert=8")
     assert mesh.size == 512
-    assert mesh_sizes(mesh) == {"data": 2, "fsdp": 32, "expert": 8, "tensor": 1}
+    assert mesh_sizes(mesh) == {"data": 2, "fsdp": 32, "expert": 8, "context": 1, "tensor": 1}

@@ -1,21 +1,13 @@
 """Two local processes x 4 devices (jax.distributed over gloo) train like one process with 8 devices, and save
 and restore an orbax checkpoint from both processes."""
 
-import socket
-
 import pytest
 
 pytestmark = pytest.mark.multiprocess
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_and_round_trip_a_checkpoint(tmp_path, workers):
-    port = free_port()
+    port = workers.free_port()
     procs = [workers.start("multihost", i, 2, port, tmp_path / "ckpt") for i in range(2)]
     results = [workers.finish(p) for p in procs]
     reference = workers.finish(workers.start("single_process_reference"))

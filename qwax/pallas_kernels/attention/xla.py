@@ -116,23 +116,35 @@ def attend_cache_xla(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_va
     - dense (a cache of one layer, `group` None, at least half full, and few scores): one pass over all T slots.
     `block` forces the blocked form with that block size (tests).
     """
+    acc, _, den = attend_cache_stats(q, k_cache, v_cache, kv_valid, index, group, block)
+    out = acc / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)[..., None]
+    return _merged_heads(out).astype(q.dtype)
+
+
+def attend_cache_stats(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_valid: jax.Array,
+                       index: jax.Array, group: jax.Array | None = None, block: int | None = None,
+                       first_slot: jax.Array | int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The unnormalised online-softmax state of `attend_cache_xla` over the slots a cache (or a shard of one)
+    holds: (acc [B, Nkv, G, L, D], running max m and denominator [B, Nkv, G, L]), float32, queries grouped per
+    KV head as `_grouped_queries` lays them out.
+
+    The arrays' slot j is the sequence's slot first_slot + j (a context-parallel shard of a cache holds
+    [first_slot, first_slot + T)); everything else as `attend_cache_xla`. Rows that saw no key have m = -inf and
+    den = 0. Shards' states combine by rescaling to the largest m (qwax.sharding.context_parallel).
+    """
     b, l, nq, d = q.shape
     t, nkv = v_cache.shape[-2], v_cache.shape[-3]
     groups = nq // nkv
     qg = _grouped_queries(q, nkv)  # [B, Nkv, G, L, D]
     q_slot = index + jnp.arange(l, dtype=jnp.int32)
+    filled = jnp.clip(index + l - first_slot, 0, t)  # this cache's slots that hold tokens up to the last query
     stats = qg.shape[:-1]
     init = (jnp.zeros(qg.shape, jnp.float32), jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32))
 
-    def finish(carry):
-        acc, _, den = carry
-        out = acc / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)[..., None]
-        return _merged_heads(out).astype(q.dtype)
-
     def dense():
-        slots = jnp.arange(t, dtype=jnp.int32)
+        slots = first_slot + jnp.arange(t, dtype=jnp.int32)
         mask = kv_valid[:, None, :] & (slots[None, None, :] <= q_slot[None, :, None])
-        return finish(_online_softmax_step(qg, k_cache, v_cache, mask[:, None, None], init))
+        return _online_softmax_step(qg, k_cache, v_cache, mask[:, None, None], init)
 
     def blocked():
         size = kv_block_size(l, groups, t) if block is None else min(block, t)
@@ -143,14 +155,15 @@ def attend_cache_xla(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, kv_va
             start = jnp.minimum(nominal, t - size)  # the last block may overlap the previous one: masked below
             kb = jax.lax.dynamic_slice(k_cache, at(group, 0, 0, 0, start), (*lead, b, nkv, d, size))
             vb = jax.lax.dynamic_slice(v_cache, at(group, 0, 0, start, 0), (*lead, b, nkv, size, d))
-            slots = start + jnp.arange(size, dtype=jnp.int32)
+            local = start + jnp.arange(size, dtype=jnp.int32)
             mask = (jax.lax.dynamic_slice_in_dim(kv_valid, start, size, axis=1)[:, None, :]
-                    & (slots[None, None, :] <= q_slot[None, :, None]) & (slots >= nominal)[None, None, :])
+                    & ((first_slot + local)[None, None, :] <= q_slot[None, :, None])
+                    & (local >= nominal)[None, None, :])
             return _online_softmax_step(qg, kb.reshape(b, nkv, d, size), vb.reshape(b, nkv, size, d),
                                         mask[:, None, None], carry)
 
-        return finish(jax.lax.fori_loop(0, (index + l + size - 1) // size, step, init))
+        return jax.lax.fori_loop(0, (filled + size - 1) // size, step, init)
 
     if block is None and group is None and l * groups * t <= DENSE_CACHE_SCORES:
-        return jax.lax.cond(2 * (index + l) >= t, dense, blocked)
+        return jax.lax.cond(2 * filled >= t, dense, blocked)
     return blocked()

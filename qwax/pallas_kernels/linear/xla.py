@@ -12,6 +12,10 @@ WIDE_OUTPUT. The transposed copy is made in the JVP rule (jax.custom_jvp), whose
 against it: reverse mode transposes that term into xt @ dy, the fast form, and forward mode (jax.jvp,
 jax.jacfwd) works unchanged. An optimization_barrier keeps XLA from folding the transpose back into the dot.
 On TPU and GPU the op is a plain dot.
+
+Merging [B, L] into one tokens axis is only free while the sequence is whole on each device: with L split over a
+`context` mesh axis (context parallelism) and more than one local row, the merged axis has no sharding GSPMD can
+express, and it would all-gather the sequence. Under such a mesh the dot contracts x's last axis in place instead.
 """
 
 from __future__ import annotations
@@ -28,9 +32,17 @@ WIDE_OUTPUT = 2048
 
 def linear_xla(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out]."""
+    if x.ndim > 2 and _sequence_split():
+        return jnp.einsum("...i,io->...o", x, w)
     x2 = x.reshape(-1, x.shape[-1])
     y = _matmul_cpu(x2, w) if current_platform() == "cpu" else jnp.dot(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _sequence_split() -> bool:
+    """Whether jax's current mesh (set by qwax.sharding.use_sharding) has a `context` axis > 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("context", 1) > 1
 
 
 @jax.custom_jvp
