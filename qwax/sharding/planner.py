@@ -29,8 +29,8 @@ Training (`mode="train"`):
 Inference (`mode="infer"`): params; cache = the KV cache of the attention layers (and of the MTP head), sharded
   by batch and over `context` by slot, and the constant-size GDN conv + recurrent states (`cache_detail`);
   activations = what one prefill chunk of `seq` tokens holds at its peak: a layer's FORWARD_LIVE largest arrays
-  (the cached attention's score block against `kv_block_size` slots; with context shards the KV block in
-  flight around the ring), its input and output, and the chunk's logits.
+  (the cached attention's score block against `kv_block_size` slots; with context shards, all of the chunk's
+  queries against a block of the shard's own slots), its input and output, and the chunk's logits.
 
 What is counted follows the code: the blocked training attention (pallas_kernels/attention/xla.py) keeps one
 float32 score block per query block (two views of it in a scan); ring attention rematerialises each of its C
