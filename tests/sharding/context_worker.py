@@ -30,14 +30,14 @@ def segment_ids():
 
 
 def model_setup(name: str, impl: str):
+    """A tiny model of preset `name` ((GDN, attention) x 2 groups), its params as numpy, and token ids [4, 32]."""
     import jax
     import numpy as np
     import qwax
+    from flax import nnx
     cfg = qwax.get_preset(name, num_hidden_layers=4, full_attention_interval=2)
     options = qwax.RunOptions(gdn_impl=impl, gdn_chunk_size=4, moe_impl="reference")
-    model = qwax.QwaxForCausalLM(cfg, options, rngs=__import__("flax").nnx.Rngs(0))
-    from flax import nnx
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(qwax.QwaxForCausalLM(cfg, options, rngs=nnx.Rngs(0)))
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, LENGTH), dtype=np.int32)
     return cfg, graphdef, jax.tree.map(np.asarray, params), ids
 
@@ -130,8 +130,8 @@ def prefill_case(name: str, spec: str, strategy: str) -> dict:
                                              jax.device_put(cache, cache_sh))
     diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
              for a, b in zip(jax.tree.leaves(new_cache), jax.tree.leaves(ref_cache))]
-    kv_spec = [str(x.sharding.spec) for x in jax.tree.leaves(new_cache) if x.ndim == 5 and x.shape[-1] == 64 or
-               x.ndim == 5 and x.shape[-2] == 64]
+    # The stacked KV caches: k [groups, B, Nkv, D, 64 slots] and v [groups, B, Nkv, 64 slots, D].
+    kv_spec = [str(x.sharding.spec) for x in jax.tree.leaves(new_cache) if x.ndim == 5 and 64 in x.shape[-2:]]
     return {"logits": float(jnp.max(jnp.abs(logits - ref_logits))), "cache": max(diffs), "kv_specs": kv_spec}
 
 
