@@ -191,10 +191,6 @@ def run_prefill_part(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ part 2: context-parallel prefix scan
 
 
-def scan_inputs(length: int) -> tuple[jax.Array, ...]:
-    return make_inputs(length, heads=(HK, HV), dims=(DK, DV))  # batch 1, as here
-
-
 def scan_fns(op: Callable) -> dict[str, Callable]:
     """Jitted forward and forward+backward of the gated delta rule `op` (chunk 32, impl "xla")."""
     def forward(q, k, v, g, beta):
@@ -226,7 +222,7 @@ def run_scan_worker(args: argparse.Namespace) -> None:
     length = args.scan_length
     print(f"part 2: gated delta rule, B={B} L={length} Hk={HK} Hv={HV} dk={DK} dv={DV} float32, chunk {SCAN_CHUNK}, "
           f"impl xla; {jax.device_count()} simulated CPU devices on {os.cpu_count()} cores", flush=True)
-    inputs = scan_inputs(length)
+    inputs = make_inputs(length, heads=(HK, HV), dims=(DK, DV))
     mesh = make_mesh(f"context={SCAN_DEVICES}")
     split = tuple(jax.device_put(x, NamedSharding(mesh, P(None, "context"))) for x in inputs)
     # Each side is traced and called in its own scope: under the mesh even the one-device op would be partitioned.

@@ -16,11 +16,6 @@ from qwax.config import QwaxConfig
 from qwax.layers.rope_scaling import rope_frequencies
 
 
-def inverse_frequencies(cfg: QwaxConfig) -> jax.Array:
-    """[rotary_dim / 2] float32 inverse frequencies: theta^(-2i / rotary_dim), scaled by `cfg.rope_scaling`."""
-    return jnp.asarray(rope_frequencies(cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)[0])
-
-
 def mrope_axis_of_frequency(cfg: QwaxConfig) -> jax.Array:
     """[rotary_dim / 2] int: which position row (0=T, 1=H, 2=W) drives each frequency (interleaved layout)."""
     n = cfg.rotary_dim // 2

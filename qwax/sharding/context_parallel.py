@@ -212,6 +212,9 @@ def _ring_step(qh: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None, kb: jax
 
     qh [B, Lq, Nkv, G, D] pre-scaled float32 queries at sequence indices q_pos [Lq]; kb, vb [B, Lk, Nkv, D] the
     block of tokens first + [0, Lk), valid_b [B, Lk] bool, seg_b / q_seg [B, Lk] / [B, Lq] segment ids or None.
+    Unlike the cache read's step (pallas_kernels/attention/xla.py), which is forward-only and marks unseen rows
+    with m = -inf, masked scores here get a finite fill: this step is differentiated, and an infinity in either
+    branch of a select would turn the gradients of rows with no visible key into NaN.
     """
     m, denom, acc = carry
     kv_pos = first + jnp.arange(kb.shape[1])
